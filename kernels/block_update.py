@@ -1,0 +1,222 @@
+"""Fused damped mini-block solve and parameter update: one pass over ``F``, ``grad``, ``param`` and ``m``.
+
+For every mini-block ``i`` (storage conventions in :mod:`mbf_triton.reference`), all in fp32:
+
+* ``A = unpack(F_i) + damping * I``; Cholesky ``A = L L^T`` without pivoting;
+* if a pivot is ``<= 0`` or not finite the block falls back to ``d = g / (max(diag(F_i), 0) + damping)``
+  and is counted in ``fallback_count``; else ``d = A^{-1} g`` by forward and back substitution;
+* ``m <- momentum * m + d``; ``p <- p * (1 - lr * weight_decay) - lr * m`` on the real (unpadded) entries.
+
+Exactly :func:`mbf_triton.reference.damped_block_solve` followed by
+:func:`mbf_triton.reference.apply_update_`; the factor never leaves registers.
+
+Design: a program owns ``BLOCKS`` consecutive mini-blocks and holds them as one register tile
+``[BLOCKS, B_PAD, B_PAD]`` (``B_PAD`` = next power of two of ``b``), the symmetric matrix unpacked from
+the packed triangle by masked loads (no global traffic for the padding; padded entries are 0 and are
+never touched by the ``b`` steps of the loop). The factorisation is right-looking: step ``k`` extracts
+column ``k`` by a masked reduction, scales it by ``rsqrt(pivot)``, subtracts its outer product from the
+trailing submatrix and writes it back as column ``k`` of ``L`` in place; the forward substitution runs in
+the same loop. The back substitution reads the rows of ``L`` from the same tile. ``b = 1`` takes a scalar
+kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["damped_block_update_", "default_launch_config"]
+
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_B = 64
+_RUNTIME_SCALARS = ["damping", "lr", "momentum", "weight_decay"]
+
+
+@triton.jit(do_not_specialize=_RUNTIME_SCALARS)
+def _scalar_block_update_kernel(
+    f_ptr, g_ptr, p_ptr, m_ptr, count_ptr,
+    n_blocks,
+    damping, lr, momentum, weight_decay,
+    BLOCKS: tl.constexpr,
+):
+    # b = 1: mini-block i is entry i of the flattened (rows, cols) matrix and F_i is one number.
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCKS + tl.arange(0, BLOCKS)
+    valid = offs < n_blocks
+    fv = tl.load(f_ptr + offs, mask=valid, other=0.0)
+    g = tl.load(g_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    denom = fv + damping
+    ok = (denom > 0.0) & (denom <= 3.4028234663852886e38)
+    # max(F, 0) that keeps a NaN, as torch.clamp does.
+    diag = tl.where(fv < 0.0, 0.0, fv) + damping
+    d = tl.where(ok, g / denom, g / diag)
+    m = tl.load(m_ptr + offs, mask=valid, other=0.0)
+    m = m * momentum + d
+    p = tl.load(p_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    p = p * (1.0 - lr * weight_decay) - lr * m
+    tl.store(m_ptr + offs, m, mask=valid)
+    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=valid)
+    n_fallback = tl.sum((valid & ~ok).to(tl.int32), axis=0)
+    tl.atomic_add(count_ptr, n_fallback)
+
+
+@triton.jit(do_not_specialize=_RUNTIME_SCALARS)
+def _damped_block_update_kernel(
+    f_ptr, g_ptr, p_ptr, m_ptr, count_ptr,
+    n_blocks, n_chunks, cols,
+    damping, lr, momentum, weight_decay,
+    B: tl.constexpr, B_PAD: tl.constexpr, T: tl.constexpr, BLOCKS: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    blk = pid * BLOCKS + tl.arange(0, BLOCKS)  # (BLOCKS,) int64
+    valid = blk < n_blocks
+
+    # --- the damped symmetric blocks, unpacked from the packed lower triangle -------------------------
+    ii = tl.arange(0, B_PAD)[None, :, None]  # row index of the 3-D tile
+    jj = tl.arange(0, B_PAD)[None, None, :]  # column index of the 3-D tile
+    packed = tl.where(ii >= jj, ii * (ii + 1) // 2 + jj, jj * (jj + 1) // 2 + ii)
+    tile_mask = valid[:, None, None] & (ii < B) & (jj < B)
+    a = tl.load(f_ptr + blk[:, None, None] * T + packed, mask=tile_mask, other=0.0)
+    a = tl.where((ii == jj) & (ii < B), a + damping, a)
+
+    # --- gradient chunk of each block: row r, chunk c of the (rows, cols) matrix ---------------------
+    t = tl.arange(0, B_PAD)[None, :]  # (1, B_PAD) position inside the block
+    r = blk // n_chunks
+    col = (blk - r * n_chunks)[:, None] * B + t
+    vec_off = r[:, None] * cols + col
+    vec_mask = valid[:, None] & (t < B)
+    g = tl.load(g_ptr + vec_off, mask=vec_mask, other=0.0).to(tl.float32)
+    fdiag = tl.load(f_ptr + blk[:, None] * T + t * (t + 3) // 2, mask=valid[:, None] & (t < B), other=0.0)
+
+    # --- right-looking Cholesky with the forward substitution in the same loop ---------------------
+    ok = blk >= 0  # all true
+    z = g
+    inv_diag = tl.zeros([BLOCKS, B_PAD], dtype=tl.float32)
+    for k in range(B):
+        column = tl.sum(tl.where(jj == k, a, 0.0), axis=2)  # A[:, :, k]
+        pivot = tl.sum(tl.where(t == k, column, 0.0), axis=1)  # A[:, k, k]
+        ok = ok & (pivot > 0.0) & (pivot <= 3.4028234663852886e38)
+        inv = tl.rsqrt(pivot)
+        l_col = tl.where(t > k, column * inv[:, None], 0.0)  # L[:, i, k] for i > k
+        a = a - l_col[:, :, None] * l_col[:, None, :]  # only the trailing i, j > k change
+        a = tl.where((jj == k) & (ii > k), l_col[:, :, None], a)
+        inv_diag = tl.where(t == k, inv[:, None], inv_diag)
+        y_k = tl.sum(tl.where(t == k, z, 0.0), axis=1) * inv
+        z = tl.where(t == k, y_k[:, None], z - l_col * y_k[:, None])
+
+    # --- back substitution L^T x = y, rows of L read from the strictly lower part of the tile --------
+    for kk in range(B):
+        k = B - 1 - kk
+        x_k = tl.sum(tl.where(t == k, z * inv_diag, 0.0), axis=1)
+        l_row = tl.sum(tl.where(ii == k, a, 0.0), axis=1)  # A[:, k, :]
+        l_row = tl.where(t < k, l_row, 0.0)
+        z = tl.where(t == k, x_k[:, None], z - l_row * x_k[:, None])
+
+    # --- diagonal fallback; max(diag, 0) keeps a NaN as torch.clamp does -----------------------------
+    d = tl.where(ok[:, None], z, g / (tl.where(fdiag < 0.0, 0.0, fdiag) + damping))
+
+    # --- momentum, decoupled weight decay and the step on the real entries ---------------------------
+    m = tl.load(m_ptr + vec_off, mask=vec_mask, other=0.0)
+    m = m * momentum + d
+    p = tl.load(p_ptr + vec_off, mask=vec_mask, other=0.0).to(tl.float32)
+    p = p * (1.0 - lr * weight_decay) - lr * m
+    tl.store(m_ptr + vec_off, m, mask=vec_mask)
+    tl.store(p_ptr + vec_off, p.to(p_ptr.dtype.element_ty), mask=vec_mask)
+    n_fallback = tl.sum((valid & ~ok).to(tl.int32), axis=0)
+    tl.atomic_add(count_ptr, n_fallback)
+
+
+def default_launch_config(b: int) -> tuple[int, int]:
+    """``(blocks_per_program, num_warps)`` for block size ``b``: a register tile of about 4096 fp32."""
+    if b == 1:
+        return 1024, 4
+    b_pad = triton.next_power_of_2(b)
+    blocks = max(1, min(256, 4096 // (b_pad * b_pad)))
+    return blocks, (4 if b_pad <= 16 else 8)
+
+
+def _check_pow2(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value & (value - 1):
+        raise ValueError(f"{name}={value!r} must be a positive power of two")
+
+
+def damped_block_update_(
+    f: torch.Tensor,
+    grad: torch.Tensor,
+    param: torch.Tensor,
+    momentum_buffer: torch.Tensor,
+    fallback_count: torch.Tensor,
+    *,
+    b: int,
+    damping: float,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    blocks_per_program: int | None = None,
+    num_warps: int | None = None,
+) -> None:
+    """Damped mini-block Cholesky solve fused with the momentum / weight-decay update, in place.
+
+    ``f``: packed running Fisher ``(n_blocks, b*(b+1)//2)`` fp32 (read only); ``grad``, ``param``:
+    ``(rows, cols)`` of the parameter's dtype (fp32, bf16 or fp16); ``momentum_buffer``: ``(rows, cols)``
+    fp32; ``fallback_count``: int32 ``(1,)``, incremented by the number of blocks that took the diagonal
+    fallback. ``param`` and ``momentum_buffer`` are updated in place; no host synchronisation.
+    """
+    if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= _MAX_B:
+        raise ValueError(f"b={b!r} must be an int in [1, {_MAX_B}]")
+    for name, x in (("f", f), ("grad", grad), ("param", param), ("momentum_buffer", momentum_buffer),
+                    ("fallback_count", fallback_count)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+        if x.device != f.device:
+            raise ValueError(f"{name} is on {x.device} but f is on {f.device}")
+    if grad.dim() != 2:
+        raise ValueError(f"grad must be 2-D (rows, cols), got shape {tuple(grad.shape)}")
+    rows, cols = grad.shape
+    n_chunks = -(-cols // b)
+    n_blocks = rows * n_chunks
+    t = b * (b + 1) // 2
+    if f.dtype != torch.float32:
+        raise TypeError(f"f must be float32, got {f.dtype}")
+    if tuple(f.shape) != (n_blocks, t):
+        raise ValueError(
+            f"f has shape {tuple(f.shape)}, expected {(n_blocks, t)} for grad {(rows, cols)} and {b=}"
+        )
+    if grad.dtype not in _PARAM_DTYPES:
+        raise TypeError(f"grad dtype {grad.dtype} must be one of {_PARAM_DTYPES}")
+    if param.dtype != grad.dtype:
+        raise TypeError(f"param dtype {param.dtype} must equal grad dtype {grad.dtype}")
+    if param.shape != grad.shape:
+        raise ValueError(f"param shape {tuple(param.shape)} must equal grad shape {tuple(grad.shape)}")
+    if momentum_buffer.dtype != torch.float32:
+        raise TypeError(f"momentum_buffer must be float32, got {momentum_buffer.dtype}")
+    if momentum_buffer.shape != grad.shape:
+        raise ValueError(
+            f"momentum_buffer shape {tuple(momentum_buffer.shape)} must equal grad shape {tuple(grad.shape)}"
+        )
+    if fallback_count.dtype != torch.int32 or tuple(fallback_count.shape) != (1,):
+        raise TypeError(f"fallback_count must be an int32 tensor of shape (1,), got "
+                        f"{fallback_count.dtype} {tuple(fallback_count.shape)}")
+    default_blocks, default_warps = default_launch_config(b)
+    blocks = default_blocks if blocks_per_program is None else blocks_per_program
+    warps = default_warps if num_warps is None else num_warps
+    _check_pow2("blocks_per_program", blocks)
+    _check_pow2("num_warps", warps)
+    if n_blocks == 0:
+        return
+    # Plain Python floats: an int here would change the kernel signature and force a recompilation.
+    scalars = (float(damping), float(lr), float(momentum), float(weight_decay))
+    grid = (triton.cdiv(n_blocks, blocks),)
+    if b == 1:
+        _scalar_block_update_kernel[grid](
+            f, grad, param, momentum_buffer, fallback_count, n_blocks, *scalars,
+            BLOCKS=blocks, num_warps=warps,
+        )
+    else:
+        _damped_block_update_kernel[grid](
+            f, grad, param, momentum_buffer, fallback_count, n_blocks, n_chunks, cols, *scalars,
+            B=b, B_PAD=triton.next_power_of_2(b), T=t, BLOCKS=blocks, num_warps=warps,
+        )

@@ -1,0 +1,385 @@
+"""Triton kernels forming the mini-block Fisher statistics and folding them into the running estimate.
+
+Two launchers, both fused with the exponential moving average ``F <- decay * F + (1 - decay) * Fhat``
+(``decay == 0`` ignores the old ``F``) and its finite guard (a mini-block whose new value has any
+non-finite entry keeps its old value), exactly as :func:`mbf_triton.reference.fisher_ema_`:
+
+* :func:`linear_fisher_ema_`: fan-in mini-blocks of a Linear weight,
+  ``Fhat = scale^2 / M * (gout^2)^T @ Z`` with ``Z[m, (j, t)] = x[m, j*b+row(t)] * x[m, j*b+col(t)]``
+  (:func:`mbf_triton.reference.linear_fisher`). ``Z`` only ever exists as register tiles.
+* :func:`conv_fisher_ema_`: per-kernel mini-blocks of a convolution weight with exact per-sample
+  gradients (:func:`mbf_triton.reference.conv_fisher`). Per-sample gradients only exist in registers.
+
+``F`` is fp32 ``(n_blocks, T)``, ``T = b*(b+1)//2``, the packed lower triangle row by row. Packed
+columns are processed in tiles of ``BLOCK_T``; when one tile covers ``T`` the finite guard is applied
+in the statistics kernel itself, otherwise the new values go to a scratch buffer and a second pass over
+each mini-block (:func:`_guarded_copy_kernel`) applies the guard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["FisherStatsConfig", "linear_fisher_ema_", "conv_fisher_ema_"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+@dataclass(frozen=True)
+class FisherStatsConfig:
+    """Tile sizes of the statistics kernels (all powers of two >= 16, as ``tl.dot`` needs).
+
+    ``block_o``: output features/channels per program; ``block_k``: reduction tile (samples ``M`` for
+    Linear, output positions ``L`` for conv); ``block_t``: packed triangle entries per program.
+    """
+
+    block_o: int = 32
+    block_k: int = 32
+    block_t: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("block_o", "block_k", "block_t"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name}={v} must be a power of two >= 16")
+        if self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
+            raise ValueError(f"num_warps={self.num_warps} must be a power of two")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages={self.num_stages} must be >= 1")
+
+
+def _pow2_clamp(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tril_row_col(t):
+    """Row ``p`` and column ``q`` (``q <= p``) of packed entry ``t = p*(p+1)//2 + q``."""
+    tf = t.to(tl.float32)
+    p = ((tl.sqrt(8.0 * tf + 1.0) - 1.0) * 0.5).to(tl.int32)
+    # the float estimate can be off by one either way: correct it exactly in integers
+    p = tl.where((p + 1) * (p + 2) // 2 <= t, p + 1, p)
+    p = tl.where(p * (p + 1) // 2 > t, p - 1, p)
+    q = t - p * (p + 1) // 2
+    return p, q
+
+
+@triton.jit
+def _ema_guard_store(f_ptr, new_ptr, fhat, blk, offs_t, o_mask, t_mask, decay,
+                     T: tl.constexpr, SINGLE_T: tl.constexpr):
+    """EMA of a ``(BLOCK_O, BLOCK_T)`` tile of mini-blocks ``blk`` (int64, one per row)."""
+    mask = o_mask[:, None] & t_mask[None, :]
+    off = blk[:, None] * T + offs_t[None, :]
+    old = tl.load(f_ptr + off, mask=mask, other=0.0)
+    # torch.lerp(fhat, old, decay), same two-sided formula; decay == 0: the old value (possibly
+    # garbage) must not leak in, hence a select, not arithmetic
+    lerp = tl.where(decay < 0.5, fhat + decay * (old - fhat), old - (old - fhat) * (1.0 - decay))
+    new = tl.where(decay == 0.0, fhat, lerp)
+    if SINGLE_T:
+        bad = tl.sum(tl.where(mask & ~(tl.abs(new) <= _FLT_MAX), 1, 0), axis=1)
+        tl.store(f_ptr + off, tl.where(bad[:, None] == 0, new, old), mask=mask)
+    else:
+        tl.store(new_ptr + off, new, mask=mask)
+
+
+@triton.jit
+def _guarded_copy_kernel(f_ptr, new_ptr, n_blocks, T: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_T: tl.constexpr):
+    """``F[i] = new[i]`` for every mini-block ``i`` whose new value is finite (used when T is tiled)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_t = tl.arange(0, BLOCK_T)
+    mask = (rows < n_blocks)[:, None] & (offs_t < T)[None, :]
+    off = rows[:, None] * T + offs_t[None, :]
+    new = tl.load(new_ptr + off, mask=mask, other=0.0)
+    bad = tl.sum(tl.where(mask & ~(tl.abs(new) <= _FLT_MAX), 1, 0), axis=1)
+    tl.store(f_ptr + off, new, mask=mask & (bad == 0)[:, None])
+
+
+def _finish(f: torch.Tensor, new: torch.Tensor | None, t_size: int) -> None:
+    if new is None:
+        return
+    n_blocks = f.shape[0]
+    block_t = triton.next_power_of_2(t_size)
+    block_r = max(1, min(16, 4096 // block_t))
+    _guarded_copy_kernel[(triton.cdiv(n_blocks, block_r),)](
+        f, new, n_blocks, T=t_size, BLOCK_R=block_r, BLOCK_T=block_t, num_warps=4
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Linear
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["M", "scale2_over_m", "decay"])
+def _linear_fisher_ema_kernel(
+    f_ptr, new_ptr, x_ptr, g_ptr,
+    M, n_in, n_out, n_chunks, scale2_over_m, decay,
+    s_xm, s_xi, s_gm, s_go,
+    B: tl.constexpr, T: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, SINGLE_T: tl.constexpr,
+):
+    pid_o = tl.program_id(0)
+    pid_jt = tl.program_id(1)
+    n_t_tiles = (T + BLOCK_T - 1) // BLOCK_T
+    j = pid_jt // n_t_tiles
+    tt = pid_jt % n_t_tiles
+
+    offs_o = (pid_o * BLOCK_O + tl.arange(0, BLOCK_O)).to(tl.int64)
+    o_mask = offs_o < n_out
+    offs_t = tt * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < T
+    row, col = _tril_row_col(offs_t)
+    i_row = j * B + row
+    i_col = j * B + col  # col <= row, so i_col < n_in whenever i_row < n_in
+    xt_mask = t_mask & (i_row < n_in) & (i_col < n_in)
+    x_row_off = i_row.to(tl.int64) * s_xi
+    x_col_off = i_col.to(tl.int64) * s_xi
+    g_o_off = offs_o * s_go
+
+    acc = tl.zeros((BLOCK_O, BLOCK_T), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        offs_m64 = offs_m.to(tl.int64)
+        g = tl.load(g_ptr + g_o_off[:, None] + offs_m64[None, :] * s_gm,
+                    mask=o_mask[:, None] & m_mask[None, :], other=0.0).to(tl.float32)
+        zmask = m_mask[:, None] & xt_mask[None, :]
+        x_m_off = offs_m64[:, None] * s_xm
+        xr = tl.load(x_ptr + x_m_off + x_row_off[None, :], mask=zmask, other=0.0).to(tl.float32)
+        xc = tl.load(x_ptr + x_m_off + x_col_off[None, :], mask=zmask, other=0.0).to(tl.float32)
+        acc = tl.dot(g * g, xr * xc, acc, input_precision="ieee")
+
+    fhat = acc * scale2_over_m
+    blk = offs_o * n_chunks + j
+    _ema_guard_store(f_ptr, new_ptr, fhat, blk, offs_t, o_mask, t_mask, decay, T, SINGLE_T)
+
+
+def _check_f(f: torch.Tensor, n_blocks: int, t_size: int, device: torch.device) -> None:
+    if not isinstance(f, torch.Tensor) or f.dtype != torch.float32:
+        raise ValueError(f"f must be a float32 tensor, got {getattr(f, 'dtype', type(f))}")
+    if tuple(f.shape) != (n_blocks, t_size):
+        raise ValueError(f"f has shape {tuple(f.shape)}, expected {(n_blocks, t_size)}")
+    if not f.is_contiguous():
+        raise ValueError("f must be contiguous")
+    if f.device != device:
+        raise ValueError(f"f is on {f.device}, the inputs on {device}")
+
+
+def _check_decay(decay: float) -> None:
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay={decay} must be in [0, 1]")
+
+
+def _check_float(name: str, t: torch.Tensor, dim: int | tuple[int, ...]) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(t)}")
+    dims = (dim,) if isinstance(dim, int) else dim
+    if t.dim() not in dims:
+        raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dims, got shape {tuple(t.shape)}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} has dtype {t.dtype}; allowed: {_FLOAT_DTYPES}")
+
+
+def linear_fisher_ema_(
+    f: torch.Tensor,
+    x: torch.Tensor,
+    gout: torch.Tensor,
+    *,
+    b: int,
+    scale: float,
+    decay: float,
+    config: FisherStatsConfig | None = None,
+) -> None:
+    """``F <- EMA(F, linear_fisher(x, gout, b, scale), decay)`` in place, with the finite guard.
+
+    ``f``: fp32 ``(out * ceil(in/b), b*(b+1)//2)`` contiguous; ``x``: ``(M, in)``; ``gout``:
+    ``(M, out)``; any strides, fp32/bf16/fp16. Mini-block ``o * n_chunks + j`` is ``W[o, j*b:(j+1)*b]``.
+    """
+    _check_float("x", x, 2)
+    _check_float("gout", gout, 2)
+    if b < 1:
+        raise ValueError(f"b={b} must be >= 1")
+    m, n_in = x.shape
+    if gout.shape[0] != m:
+        raise ValueError(f"gout has {gout.shape[0]} rows, x has {m}")
+    n_out = gout.shape[1]
+    if m == 0 or n_in == 0 or n_out == 0:
+        raise ValueError(f"empty input: x {tuple(x.shape)}, gout {tuple(gout.shape)}")
+    if gout.device != x.device:
+        raise ValueError(f"gout is on {gout.device}, x on {x.device}")
+    _check_decay(decay)
+    n_chunks = triton.cdiv(n_in, b)
+    t_size = b * (b + 1) // 2
+    _check_f(f, n_out * n_chunks, t_size, x.device)
+    if config is None:
+        config = FisherStatsConfig(
+            block_o=_pow2_clamp(n_out, 16, 64),
+            block_k=32,
+            block_t=_pow2_clamp(t_size, 16, 128),
+        )
+    n_t_tiles = triton.cdiv(t_size, config.block_t)
+    single = n_t_tiles == 1
+    new = None if single else torch.empty_like(f)
+    grid = (triton.cdiv(n_out, config.block_o), n_chunks * n_t_tiles)
+    _linear_fisher_ema_kernel[grid](
+        f, f if new is None else new, x, gout,
+        m, n_in, n_out, n_chunks, float(scale) * float(scale) / m, float(decay),
+        x.stride(0), x.stride(1), gout.stride(0), gout.stride(1),
+        B=b, T=t_size,
+        BLOCK_O=config.block_o, BLOCK_M=config.block_k, BLOCK_T=config.block_t, SINGLE_T=single,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    _finish(f, new, t_size)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Convolution
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["N", "scale2_over_n", "decay"])
+def _conv_fisher_ema_kernel(
+    f_ptr, new_ptr, u_ptr, g_ptr,
+    N, Cg, Og, L, L2, L3, K2, K3, scale2_over_n, decay,
+    su_n, su_c, su_l1, su_l2, su_l3, su_k1, su_k2, su_k3,
+    sg_n, sg_o, sg_l1, sg_l2, sg_l3,
+    T: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr, SINGLE_T: tl.constexpr,
+):
+    pid_o = tl.program_id(0)  # (group, tile of output channels in the group)
+    c = tl.program_id(1)  # input channel inside the group
+    tt = tl.program_id(2)  # tile of packed triangle entries
+    n_o_tiles = tl.cdiv(Og, BLOCK_O)
+    grp = pid_o // n_o_tiles
+    ot = pid_o % n_o_tiles
+
+    offs_ol = ot * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_mask = offs_ol < Og
+    offs_o = (grp * Og + offs_ol).to(tl.int64)
+    cin = (grp * Cg + c).to(tl.int64)
+
+    offs_t = tt * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < T
+    row, col = _tril_row_col(offs_t)
+    k23 = K2 * K3
+    k_row_off = ((row // k23).to(tl.int64) * su_k1 + ((row // K3) % K2).to(tl.int64) * su_k2
+                 + (row % K3).to(tl.int64) * su_k3)
+    k_col_off = ((col // k23).to(tl.int64) * su_k1 + ((col // K3) % K2).to(tl.int64) * su_k2
+                 + (col % K3).to(tl.int64) * su_k3)
+    u_c_ptr = u_ptr + cin * su_c
+    g_o_off = offs_o * sg_o
+    l23 = L2 * L3
+
+    acc = tl.zeros((BLOCK_O, BLOCK_T), dtype=tl.float32)
+    u_n_ptr = u_c_ptr  # sample pointers advance by one stride per sample: no n * stride product
+    g_n_ptr = g_ptr
+    for _n in range(0, N):
+        g_row = tl.zeros((BLOCK_O, BLOCK_T), dtype=tl.float32)  # per-sample gradient at row(t)
+        g_col = tl.zeros((BLOCK_O, BLOCK_T), dtype=tl.float32)  # per-sample gradient at col(t)
+        for l0 in range(0, L, BLOCK_L):
+            offs_l = l0 + tl.arange(0, BLOCK_L)
+            l_mask = offs_l < L
+            l1 = (offs_l // l23).to(tl.int64)
+            l2 = ((offs_l // L3) % L2).to(tl.int64)
+            l3 = (offs_l % L3).to(tl.int64)
+            u_l_off = l1 * su_l1 + l2 * su_l2 + l3 * su_l3
+            g_l_off = l1 * sg_l1 + l2 * sg_l2 + l3 * sg_l3
+            g = tl.load(g_n_ptr + g_o_off[:, None] + g_l_off[None, :],
+                        mask=o_mask[:, None] & l_mask[None, :], other=0.0).to(tl.float32)
+            umask = l_mask[:, None] & t_mask[None, :]
+            ur = tl.load(u_n_ptr + u_l_off[:, None] + k_row_off[None, :], mask=umask, other=0.0)
+            uc = tl.load(u_n_ptr + u_l_off[:, None] + k_col_off[None, :], mask=umask, other=0.0)
+            g_row = tl.dot(g, ur.to(tl.float32), g_row, input_precision="ieee")
+            g_col = tl.dot(g, uc.to(tl.float32), g_col, input_precision="ieee")
+        acc += g_row * g_col
+        u_n_ptr += su_n
+        g_n_ptr += sg_n
+
+    fhat = acc * scale2_over_n
+    blk = offs_o * Cg + c
+    _ema_guard_store(f_ptr, new_ptr, fhat, blk, offs_t, o_mask, t_mask, decay, T, SINGLE_T)
+
+
+def conv_fisher_ema_(
+    f: torch.Tensor,
+    u: torch.Tensor,
+    gout: torch.Tensor,
+    *,
+    groups: int,
+    scale: float,
+    decay: float,
+    config: FisherStatsConfig | None = None,
+) -> None:
+    """``F <- EMA(F, conv_fisher(u, gout, groups, scale), decay)`` in place, with the finite guard.
+
+    ``u``: receptive fields ``(N, C_in, *L, *K)`` with ``d = 1..3`` spatial dims, any strides (the view
+    of :func:`mbf_triton.reference.conv_patches`); ``gout``: ``(N, C_out, *L)``, any strides; ``f``: fp32
+    ``(C_out * C_in/groups, prod(K)*(prod(K)+1)//2)`` contiguous.
+    """
+    _check_float("u", u, (4, 6, 8))
+    d = (u.dim() - 2) // 2
+    _check_float("gout", gout, 2 + d)
+    n, c_in = u.shape[:2]
+    l_shape = tuple(u.shape[2 : 2 + d])
+    k_shape = tuple(u.shape[2 + d :])
+    c_out = gout.shape[1]
+    if gout.shape[0] != n or tuple(gout.shape[2:]) != l_shape:
+        raise ValueError(f"gout has shape {tuple(gout.shape)}, expected ({n}, C_out, *{l_shape})")
+    if gout.device != u.device:
+        raise ValueError(f"gout is on {gout.device}, u on {u.device}")
+    if groups < 1 or c_in % groups or c_out % groups:
+        raise ValueError(f"groups={groups} must divide C_in={c_in} and C_out={c_out}")
+    if n == 0 or c_in == 0 or c_out == 0 or u.numel() == 0:
+        raise ValueError(f"empty input: u {tuple(u.shape)}, gout {tuple(gout.shape)}")
+    _check_decay(decay)
+    cg, og = c_in // groups, c_out // groups
+    b = 1
+    for s in k_shape:
+        b *= s
+    n_l = 1
+    for s in l_shape:
+        n_l *= s
+    t_size = b * (b + 1) // 2
+    _check_f(f, c_out * cg, t_size, u.device)
+
+    # normalise to 3 spatial dims: leading size-1 dims with stride 0
+    pad = 3 - d
+    ls = (1,) * pad + l_shape
+    ks = (1,) * pad + k_shape
+    su_l = (0,) * pad + tuple(u.stride(2 + i) for i in range(d))
+    su_k = (0,) * pad + tuple(u.stride(2 + d + i) for i in range(d))
+    sg_l = (0,) * pad + tuple(gout.stride(2 + i) for i in range(d))
+
+    if config is None:
+        config = FisherStatsConfig(
+            block_o=_pow2_clamp(og, 16, 32),
+            block_k=_pow2_clamp(n_l, 16, 64),
+            block_t=_pow2_clamp(t_size, 16, 64),
+        )
+    n_t_tiles = triton.cdiv(t_size, config.block_t)
+    single = n_t_tiles == 1
+    new = None if single else torch.empty_like(f)
+    grid = (groups * triton.cdiv(og, config.block_o), cg, n_t_tiles)
+    _conv_fisher_ema_kernel[grid](
+        f, f if new is None else new, u, gout,
+        n, cg, og, n_l, ls[1], ls[2], ks[1], ks[2], float(scale) * float(scale) / n, float(decay),
+        u.stride(0), u.stride(1), *su_l, *su_k,
+        gout.stride(0), gout.stride(1), *sg_l,
+        T=t_size,
+        BLOCK_O=config.block_o, BLOCK_L=config.block_k, BLOCK_T=config.block_t, SINGLE_T=single,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    _finish(f, new, t_size)

@@ -1,0 +1,119 @@
+"""The one seam between the optimizer and the arithmetic.
+
+A backend does three things to one parameter's mini-blocks: fold the batch statistics of a Linear or a
+convolution into the running Fisher ``F`` (``linear_fisher_ema_``, ``conv_fisher_ema_``), and the fused
+damped solve + momentum + weight decay + parameter write (``block_update_``). :class:`TorchBackend` does
+them with batched torch ops (:mod:`mbf_triton.reference`); :class:`TritonBackend` with the kernels in
+``mbf_triton.kernels``. Both read and write the same state, so a checkpoint made with one loads in the
+other. :func:`get_backend` is the only place that decides which one runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from . import reference as ref
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+class TorchBackend:
+    """Reference arithmetic: batched torch ops and ``torch.linalg`` (cuSOLVER/cuBLAS on a GPU)."""
+
+    name = "torch"
+
+    def linear_fisher_ema_(
+        self, f: torch.Tensor, x: torch.Tensor, gout: torch.Tensor, *, b: int, scale: float, decay: float
+    ) -> None:
+        ref.fisher_ema_(f, ref.linear_fisher(x, gout, b, scale), decay)
+
+    def conv_fisher_ema_(
+        self, f: torch.Tensor, u: torch.Tensor, gout: torch.Tensor, *, groups: int, scale: float, decay: float
+    ) -> None:
+        ref.fisher_ema_(f, ref.conv_fisher(u, gout, groups, scale), decay)
+
+    def block_update_(
+        self,
+        f: torch.Tensor,
+        grad: torch.Tensor,
+        param: torch.Tensor,
+        momentum_buffer: torch.Tensor,
+        fallback_count: torch.Tensor,
+        *,
+        b: int,
+        damping: float,
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+    ) -> None:
+        rows, cols = param.shape
+        d, fallback = ref.damped_block_solve(f, ref.to_blocks(grad.float(), b), damping)
+        fallback_count.add_(fallback.sum().to(fallback_count.dtype))
+        ref.apply_update_(param, ref.from_blocks(d, rows, cols), momentum_buffer, lr, momentum, weight_decay)
+
+
+class TritonBackend(TorchBackend):
+    """The same three operations as fused Triton kernels (``mbf_triton.kernels``)."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        from .kernels import block_update, fisher_stats
+
+        self._block_update = block_update
+        self._fisher_stats = fisher_stats
+
+    def linear_fisher_ema_(self, f, x, gout, *, b, scale, decay):  # noqa: D102
+        self._fisher_stats.linear_fisher_ema_(f, x, gout, b=b, scale=scale, decay=decay)
+
+    def conv_fisher_ema_(self, f, u, gout, *, groups, scale, decay):  # noqa: D102
+        self._fisher_stats.conv_fisher_ema_(f, u, gout, groups=groups, scale=scale, decay=decay)
+
+    def block_update_(self, f, grad, param, momentum_buffer, fallback_count, *, b, damping, lr, momentum,
+                      weight_decay):  # noqa: D102
+        self._block_update.damped_block_update_(
+            f, grad, param, momentum_buffer, fallback_count,
+            b=b, damping=damping, lr=lr, momentum=momentum, weight_decay=weight_decay,
+        )
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _instance(name: str) -> TorchBackend:
+    return TritonBackend() if name == "triton" else TorchBackend()
+
+
+def get_backend(requested: str, device: torch.device) -> TorchBackend:
+    """The backend that runs tensors on ``device``: the single dispatch point.
+
+    ``"auto"``: Triton for CUDA tensors when triton is importable, else torch. ``"triton"`` needs a CUDA
+    device, or ``TRITON_INTERPRET=1`` (the kernels then run on the CPU, slowly: for tests).
+    """
+    if requested not in BACKENDS:
+        raise ValueError(f"backend={requested!r} must be one of {BACKENDS}")
+    if requested == "auto":
+        requested = "triton" if device.type == "cuda" and triton_available() else "torch"
+    if requested == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+        if device.type != "cuda" and not triton_interpreted():
+            raise RuntimeError(
+                f"backend='triton' needs CUDA tensors, got a parameter on {device}; use backend='torch' "
+                "or 'auto' (or set TRITON_INTERPRET=1 to run the kernels on the CPU for testing)"
+            )
+    return _instance(requested)

@@ -1,0 +1,335 @@
+"""``MBF``: the mini-block Fisher optimizer (Bahamou, Goldfarb & Ren, AISTATS 2023).
+
+One ``step()``, for every parameter with a gradient:
+
+1. statistics (every ``stat_every`` steps, and on a parameter's first step): the batch estimate
+   ``Fhat_i = (1/N) sum_n g_{n,i} g_{n,i}^T`` of each mini-block from exact per-sample gradients
+   (captured layer inputs and output gradients; :mod:`mbf_triton.capture`), folded into the running
+   estimate ``F_i <- stat_decay * F_i + (1 - stat_decay) * Fhat_i`` (``F_1 = Fhat_1``);
+2. direction ``d_i = (F_i + damping * I)^{-1} g_i``;
+3. update: ``p <- p * (1 - lr * weight_decay)``, ``m <- momentum * m + d``, ``p <- p - lr * m``.
+
+Steps 2-3 are one fused call of the backend (:mod:`mbf_triton.backends`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from . import reference as ref
+from .backends import BACKENDS, get_backend
+from .blocks import CONV_TYPES, Layout, layout_for
+from .capture import Capture, Record
+
+LOSS_REDUCTIONS = ("mean", "sum")
+_FP32_STATE = ("F", "momentum_buffer")  # kept in fp32 whatever the parameter's dtype
+
+
+def _check_number(name: str, value: Any, low: float, high: float, low_open: bool, high_open: bool) -> None:
+    lo_ok = value > low if low_open else value >= low
+    hi_ok = value < high if high_open else value <= high
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not (
+        lo_ok and hi_ok
+    ):
+        allowed = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name}={value!r} must be a finite number in {allowed}")
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    """All per-group hyperparameters are validated here and nowhere else."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"lr must be a number or a one-element tensor, got shape {tuple(lr.shape)}")
+        lr = lr.item()
+    _check_number("lr", lr, 0.0, math.inf, False, True)
+    _check_number("momentum", group["momentum"], 0.0, 1.0, False, True)
+    _check_number("damping", group["damping"], 0.0, math.inf, True, True)
+    _check_number("stat_decay", group["stat_decay"], 0.0, 1.0, False, True)
+    _check_number("weight_decay", group["weight_decay"], 0.0, math.inf, False, True)
+    bs = group["block_size"]
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+        raise ValueError(f"block_size={bs!r} must be an integer >= 1")
+
+
+class MBF(Optimizer):
+    """Mini-block Fisher optimizer.
+
+    Args:
+        model: the module being trained; hooks on its ``nn.Linear`` and ``nn.Conv1d/2d/3d`` layers capture
+            the per-sample information the statistics need. Call :meth:`remove_hooks` when done.
+        params: parameters or param-group dicts (default: the trainable parameters of ``model``).
+            Parameters outside ``model``'s supported layers use 1x1 blocks with the batch gradient.
+        lr: learning rate (>= 0).
+        momentum: heavy-ball momentum on the preconditioned direction, in [0, 1).
+        damping: ``lambda`` added to every mini-block's diagonal before the solve (> 0).
+        stat_decay: exponential decay of the running Fisher estimate, in [0, 1).
+        weight_decay: decoupled weight decay (>= 0).
+        block_size: fan-in chunk of ``nn.Linear`` mini-blocks (>= 1; ``>= in_features`` is unit-wise).
+        stat_every: update the Fisher statistics every this many steps (>= 1); hooks capture nothing
+            on the other steps.
+        loss_reduction: ``"mean"`` if the loss is the mean over the batch (PyTorch's default), ``"sum"``
+            if it is the sum: it sets how per-sample gradients are recovered from the batch gradient.
+        backend: ``"auto"`` (Triton kernels for CUDA tensors when triton is installed, else torch),
+            ``"torch"`` (the reference path, any device) or ``"triton"``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None = None,
+        *,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        damping: float = 1e-3,
+        stat_decay: float = 0.95,
+        weight_decay: float = 0.0,
+        block_size: int = 16,
+        stat_every: int = 1,
+        loss_reduction: str = "mean",
+        backend: str = "auto",
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(stat_every, bool) or not isinstance(stat_every, int) or stat_every < 1:
+            raise ValueError(f"stat_every={stat_every!r} must be an integer >= 1")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction={loss_reduction!r} must be one of {LOSS_REDUCTIONS}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        defaults = dict(
+            lr=lr, momentum=momentum, damping=damping, stat_decay=stat_decay,
+            weight_decay=weight_decay, block_size=block_size,
+        )
+        super().__init__(params, defaults)
+        self.stat_every = stat_every
+        self.loss_reduction = loss_reduction
+        self.backend = backend
+        self._capture = Capture(model)
+        self._counters = {"step": 0, "skipped_steps": 0}
+        self._fallback_total: dict[torch.device, torch.Tensor] = {}
+        self._fallback_step: dict[torch.device, torch.Tensor] = {}
+        self._sync_capture()
+
+    # ------------------------------------------------------------------ torch.optim plumbing
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        _check_group(self.param_groups[-1])
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["mbf"] = {
+            **self._counters,
+            "fallback_blocks": self.fallback_blocks,
+            "stat_every": self.stat_every,
+            "loss_reduction": self.loss_reduction,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("mbf", None)
+        # torch.optim casts floating state to the parameter's dtype; the curvature and momentum must stay
+        # fp32 (bit-exact resume of bf16 models), so they bypass that and only move device.
+        saved_state = {pid: dict(s) for pid, s in state_dict["state"].items()}
+        kept = {pid: {k: s.pop(k) for k in _FP32_STATE if k in s} for pid, s in saved_state.items()}
+        super().load_state_dict({**state_dict, "state": saved_state})
+        ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for pid, p in zip(ids, params):
+            for k, v in kept.get(pid, {}).items():
+                self.state[p][k] = v.to(device=p.device, dtype=torch.float32)
+        if extra is not None:
+            self._counters = {"step": int(extra["step"]), "skipped_steps": int(extra["skipped_steps"])}
+            self._fallback_total = {}
+            self._fallback_step = {}
+            if extra.get("fallback_blocks"):
+                device = self.param_groups[0]["params"][0].device
+                self._fallback_counter(device)[1].fill_(int(extra["fallback_blocks"]))
+        self._sync_capture()
+
+    # ------------------------------------------------------------------ public counters
+    @property
+    def steps(self) -> int:
+        """Steps that updated the parameters."""
+        return self._counters["step"]
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because a gradient held NaN or Inf (parameters and curvature untouched)."""
+        return self._counters["skipped_steps"]
+
+    @property
+    def fallback_blocks(self) -> int:
+        """Mini-block solves that fell back to the diagonal (non-positive or non-finite pivot), in total."""
+        return int(sum(int(t.item()) for t in self._fallback_total.values()))
+
+    def layout(self, param: torch.Tensor) -> Layout:
+        """The mini-block layout of ``param`` (see :mod:`mbf_triton.blocks`)."""
+        group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
+        return layout_for(param, self._capture.module_of(param), group["block_size"])
+
+    def remove_hooks(self) -> None:
+        """Detach the optimizer's hooks from the model (it can no longer compute statistics)."""
+        self._capture.remove()
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        try:
+            active = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+            if not active:
+                return loss
+            if not self._all_finite([p.grad for _, p in active]):
+                self._counters["skipped_steps"] += 1
+                return loss
+            stat_step = self._counters["step"] % self.stat_every == 0
+            for group, p in active:
+                self._update_param(group, p, stat_step)
+            for device, step_count in self._fallback_step.items():
+                self._fallback_total[device].add_(step_count)
+                step_count.zero_()
+            self._counters["step"] += 1
+        finally:
+            self._capture.clear()
+            self._sync_capture()
+        return loss
+
+    def _sync_capture(self) -> None:
+        # capture during the forward/backward that precedes a statistics step
+        self._capture.capturing = self._counters["step"] % self.stat_every == 0
+
+    @staticmethod
+    def _all_finite(grads: list[torch.Tensor]) -> bool:
+        """One host sync: is every gradient entry finite? (max |g| is NaN or Inf otherwise)."""
+        device = grads[0].device
+        maxes = torch._foreach_norm(grads, float("inf"))
+        return bool(torch.isfinite(torch.stack([m.to(device, torch.float32) for m in maxes])).all())
+
+    def _fallback_counter(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._fallback_step:
+            self._fallback_step[device] = torch.zeros(1, dtype=torch.int32, device=device)
+            self._fallback_total[device] = torch.zeros(1, dtype=torch.int64, device=device)
+        return self._fallback_step[device], self._fallback_total[device]
+
+    def _update_param(self, group: dict[str, Any], p: torch.Tensor, stat_step: bool) -> None:
+        backend = get_backend(self.backend, p.device)
+        module = self._capture.module_of(p)
+        layout = layout_for(p, module, group["block_size"])
+        state = self.state[p]
+        if not state:
+            state["F"] = torch.zeros(layout.n_blocks, layout.tri, dtype=torch.float32, device=p.device)
+            state["momentum_buffer"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            state["stat_steps"] = 0
+        f = state["F"]
+        if f.shape != (layout.n_blocks, layout.tri):
+            raise ValueError(
+                f"curvature state of shape {tuple(f.shape)} does not match the parameter's mini-block layout "
+                f"{layout} (was block_size changed after the first step?)"
+            )
+        if stat_step or state["stat_steps"] == 0:
+            decay = group["stat_decay"] if state["stat_steps"] > 0 else 0.0
+            self._update_statistics(backend, p, module, layout, f, decay)
+            state["stat_steps"] += 1
+
+        grad = p.grad.contiguous()
+        work = p.data if p.data.is_contiguous() else p.data.contiguous()
+        buf = state["momentum_buffer"]
+        lr = group["lr"].item() if isinstance(group["lr"], torch.Tensor) else group["lr"]
+        backend.block_update_(
+            f, layout.matrix(grad), layout.matrix(work), layout.matrix(buf), self._fallback_counter(p.device)[0],
+            b=layout.b, damping=group["damping"], lr=lr, momentum=group["momentum"],
+            weight_decay=group["weight_decay"],
+        )
+        if work is not p.data:
+            p.data.copy_(work)
+
+    # ------------------------------------------------------------------ statistics
+    def _sample_scale(self, n: int) -> float:
+        """Factor turning the captured gradient of the reduced loss into a per-sample gradient."""
+        return float(n) if self.loss_reduction == "mean" else 1.0
+
+    def _update_statistics(
+        self, backend, p: torch.Tensor, module: nn.Module | None, layout: Layout, f: torch.Tensor, decay: float
+    ) -> None:
+        records = self._capture.complete_records(module) if module is not None else []
+        if not records:
+            # No per-sample information: the batch gradient stands in for one sample, Fhat_i = g_i g_i^T.
+            g = ref.to_blocks(layout.matrix(p.grad.contiguous()).float(), layout.b)
+            ref.fisher_ema_(f, ref.outer_fisher(g[None]), decay)
+            return
+        if isinstance(module, CONV_TYPES):
+            self._conv_statistics(backend, p, module, layout, f, decay, records)
+        else:
+            self._linear_statistics(backend, p, module, layout, f, decay, records)
+
+    def _linear_statistics(self, backend, p, module, layout, f, decay, records: list[Record]) -> None:
+        xs = [r.input.reshape(-1, module.in_features) for r in records]
+        gs = [r.grad_output.reshape(-1, module.out_features) for r in records]
+        x, gout, scale = self._pool(xs, gs)
+        if p is module.weight:
+            backend.linear_fisher_ema_(f, x, gout, b=layout.b, scale=scale, decay=decay)
+        else:  # bias: per-sample gradient scale * gout[m]
+            fhat = gout.float().square().mean(dim=0).mul_(scale * scale)
+            ref.fisher_ema_(f, fhat[:, None], decay)
+
+    def _conv_statistics(self, backend, p, module, layout, f, decay, records: list[Record]) -> None:
+        d = len(module.kernel_size)
+        xs = [r.input if r.input.dim() == d + 2 else r.input.unsqueeze(0) for r in records]
+        gs = [r.grad_output if r.grad_output.dim() == d + 2 else r.grad_output.unsqueeze(0) for r in records]
+        if len({x.shape[1:] for x in xs}) > 1:  # records of different spatial sizes: pool the Fhats
+            n_total = sum(x.shape[0] for x in xs)
+            fhat = sum(x.shape[0] * self._conv_fhat(p, module, x, g, self._sample_scale(x.shape[0]))
+                       for x, g in zip(xs, gs)) / n_total
+            ref.fisher_ema_(f, fhat, decay)
+            return
+        x, gout, scale = self._pool(xs, gs)
+        if p is module.weight:
+            u = _conv_patches(module, x)
+            backend.conv_fisher_ema_(f, u, gout, groups=module.groups, scale=scale, decay=decay)
+        else:
+            ref.fisher_ema_(f, self._conv_fhat(p, module, x, gout, scale), decay)
+
+    @staticmethod
+    def _conv_fhat(p, module, x, gout, scale: float) -> torch.Tensor:
+        """Reference batch Fisher of a conv weight or bias (rare paths: bias, mixed spatial sizes)."""
+        if p is module.weight:
+            return ref.conv_fisher(_conv_patches(module, x), gout, module.groups, scale)
+        per_sample = gout.float().flatten(2).sum(dim=2).mul_(scale)  # (N, C_out)
+        return per_sample.square().mean(dim=0)[:, None]
+
+    def _pool(self, xs: list[torch.Tensor], gs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Pool the samples of several records (each with its own per-sample scale) into one batch."""
+        if len(xs) == 1:
+            return xs[0], gs[0], self._sample_scale(xs[0].shape[0])
+        gs = [g * self._sample_scale(g.shape[0]) for g in gs]
+        return torch.cat(xs), torch.cat(gs), 1.0
+
+
+def _conv_padding(module: nn.Module) -> tuple[tuple[int, int], ...]:
+    k, dil = module.kernel_size, module.dilation
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return tuple((0, 0) for _ in k)
+        total = [di * (ki - 1) for ki, di in zip(k, dil)]  # "same"
+        return tuple((t // 2, t - t // 2) for t in total)
+    return tuple((pi, pi) for pi in module.padding)
+
+
+def _conv_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return ref.conv_patches(
+        x, module.kernel_size, module.stride, _conv_padding(module), module.dilation, module.padding_mode
+    )

@@ -1,0 +1,242 @@
+"""Pure-PyTorch reference of every MBF computation.
+
+This module is three things at once: the CPU path of the optimizer (``backend="torch"``), the
+vendor baseline the benchmarks compare against (batched ``torch.linalg`` on small matrices) and the
+oracle every Triton kernel is tested against.  It only uses batched torch ops: no Python loop over
+samples or mini-blocks.
+
+Storage conventions shared with the Triton kernels (``kernels/``):
+
+* A parameter is viewed as a 2-D matrix ``(rows, cols)`` (see :mod:`mbf_triton.blocks`). Each row is
+  cut into ``ceil(cols / b)`` consecutive chunks of ``b`` entries; a short last chunk is zero-padded to
+  ``b``. Mini-block ``i = r * n_chunks + j`` holds ``W[r, j*b:(j+1)*b]``.
+* The running Fisher estimate of the mini-blocks is one fp32 tensor ``F`` of shape
+  ``(n_blocks, b*(b+1)//2)``: the lower triangle of each symmetric ``b x b`` block, packed row by row,
+  entry ``(p, q)`` with ``q <= p`` at ``p*(p+1)//2 + q``. Padded rows/columns of a short chunk stay 0.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as tnf
+
+__all__ = [
+    "tril_size",
+    "tril_indices",
+    "diag_indices",
+    "pack_tril",
+    "unpack_tril",
+    "to_blocks",
+    "from_blocks",
+    "linear_fisher",
+    "outer_fisher",
+    "conv_patches",
+    "conv_fisher",
+    "fisher_ema_",
+    "damped_block_solve",
+    "apply_update_",
+]
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32: low-precision inputs are upcast, float64 (the oracle's precision) is kept."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def tril_size(b: int) -> int:
+    """Number of entries of the packed lower triangle of a ``b x b`` block."""
+    return b * (b + 1) // 2
+
+
+@functools.lru_cache(maxsize=None)
+def _tril_indices_cpu(b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # torch.tril_indices enumerates row by row, column ascending: exactly the packed order.
+    idx = torch.tril_indices(b, b)
+    return idx[0].contiguous(), idx[1].contiguous()
+
+
+def tril_indices(b: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column index of every packed entry, in packed order."""
+    rows, cols = _tril_indices_cpu(b)
+    return rows.to(device), cols.to(device)
+
+
+def diag_indices(b: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Packed position of each diagonal entry ``(p, p)``: ``p*(p+3)//2``."""
+    p = torch.arange(b, device=device)
+    return p * (p + 3) // 2
+
+
+def pack_tril(a: torch.Tensor) -> torch.Tensor:
+    """``(..., b, b)`` -> ``(..., b*(b+1)//2)``: the lower triangle, row by row."""
+    b = a.shape[-1]
+    rows, cols = tril_indices(b, a.device)
+    return a[..., rows, cols]
+
+
+def unpack_tril(p: torch.Tensor, b: int) -> torch.Tensor:
+    """``(..., b*(b+1)//2)`` -> symmetric ``(..., b, b)``."""
+    if p.shape[-1] != tril_size(b):
+        raise ValueError(f"packed size {p.shape[-1]} does not match b={b} ({tril_size(b)} expected)")
+    rows, cols = tril_indices(b, p.device)
+    out = p.new_zeros(*p.shape[:-1], b, b)
+    out[..., rows, cols] = p
+    out[..., cols, rows] = p
+    return out
+
+
+def to_blocks(x: torch.Tensor, b: int) -> torch.Tensor:
+    """``(rows, cols)`` -> ``(rows * ceil(cols/b), b)``, the short last chunk of each row zero-padded."""
+    rows, cols = x.shape
+    pad = -cols % b
+    if pad:
+        x = tnf.pad(x, (0, pad))
+    return x.reshape(rows * ((cols + pad) // b), b)
+
+
+def from_blocks(xb: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Inverse of :func:`to_blocks`: drops the padding."""
+    return xb.reshape(rows, -1)[:, :cols]
+
+
+def linear_fisher(x: torch.Tensor, gout: torch.Tensor, b: int, scale: float) -> torch.Tensor:
+    """Batch Fisher of the fan-in mini-blocks of a Linear weight, packed.
+
+    ``x``: inputs ``(M, in)``; ``gout``: gradients of the loss w.r.t. the outputs ``(M, out)``.
+    The per-sample gradient of mini-block ``(o, j)`` is ``scale * gout[m, o] * x[m, j*b:(j+1)*b]``
+    (``scale`` turns the captured gradient of the reduced loss into the gradient of one sample's loss),
+    so ``Fhat[(o, j)] = scale**2 / M * sum_m gout[m, o]**2 x_j[m] x_j[m]^T``: one matrix product
+    ``(gout**2)^T @ Z`` with ``Z[m, (j, t)]`` the packed outer products of the input chunks.
+    Returns ``(out * n_chunks, b*(b+1)//2)`` fp32.
+    """
+    m, n_in = x.shape
+    n_out = gout.shape[1]
+    x = _f32(x)
+    xb = to_blocks(x, b).reshape(m, -1, b)  # (M, n_chunks, b)
+    rows, cols = tril_indices(b, x.device)
+    z = (xb[:, :, rows] * xb[:, :, cols]).reshape(m, -1)  # (M, n_chunks * T)
+    g2 = _f32(gout).square().to(z.dtype)
+    fhat = (g2.t() @ z).mul_(scale * scale / m)  # (out, n_chunks * T)
+    return fhat.reshape(n_out * xb.shape[1], tril_size(b))
+
+
+def outer_fisher(g: torch.Tensor) -> torch.Tensor:
+    """``(1/N) sum_n g[n, i] g[n, i]^T`` for per-sample mini-block gradients ``g`` ``(N, n_blocks, b)``.
+
+    Returns the packed ``(n_blocks, b*(b+1)//2)`` fp32 result.
+    """
+    n, _, b = g.shape
+    g = _f32(g)
+    rows, cols = tril_indices(b, g.device)
+    return torch.einsum("nkt,nkt->kt", g[:, :, rows], g[:, :, cols]).div_(n)
+
+
+def conv_patches(
+    x: torch.Tensor,
+    kernel_size: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: tuple[tuple[int, int], ...],
+    dilation: tuple[int, ...],
+    padding_mode: str = "zeros",
+) -> torch.Tensor:
+    """Strided view of the receptive fields of an N-d convolution (no copy for zero padding).
+
+    ``x``: ``(N, C, *S)`` with ``d = len(kernel_size)`` spatial dims; ``padding``: ``(left, right)`` per
+    spatial dim. Returns ``u`` of shape ``(N, C, *L, *K)``, ``u[n, c, l..., k...] = x_pad[n, c, l*stride
+    + k*dilation]``, where ``L`` is the convolution's output size and ``K = kernel_size``.
+    """
+    d = len(kernel_size)
+    pads = [p for lr in reversed(padding) for p in lr]  # F.pad wants the last dim first
+    if any(pads):
+        mode = "constant" if padding_mode == "zeros" else padding_mode
+        x = tnf.pad(x, pads, mode=mode)
+    for i in range(d):
+        window = dilation[i] * (kernel_size[i] - 1) + 1
+        x = x.unfold(2 + i, window, stride[i])  # appends the window as the last dim
+        if dilation[i] > 1:
+            x = x[..., :: dilation[i]]
+    return x
+
+
+def conv_fisher(u: torch.Tensor, gout: torch.Tensor, groups: int, scale: float) -> torch.Tensor:
+    """Batch Fisher of the per-kernel mini-blocks of a convolution weight, packed.
+
+    ``u``: receptive fields ``(N, C_in, *L, *K)`` (:func:`conv_patches`); ``gout``: gradients w.r.t.
+    the output ``(N, C_out, *L)``. The exact per-sample gradient of the weight is
+    ``G[n, o, c, k] = scale * sum_l gout[n, o, l] * u[n, g*C_in/groups + c, l, k]`` (``g`` = group of
+    ``o``); mini-block ``o * C_in/groups + c`` is ``G[n, o, c, :]``. Returns
+    ``(C_out * C_in/groups, prod(K)*(prod(K)+1)//2)`` fp32.
+    """
+    n, c_in = u.shape[:2]
+    d = (u.dim() - 2) // 2
+    k = 1
+    for s in u.shape[2 + d :]:
+        k *= s
+    c_out = gout.shape[1]
+    ug = _f32(u).reshape(n, groups, c_in // groups, -1, k)  # (N, G, Cg, L, K)
+    gg = _f32(gout).to(ug.dtype).reshape(n, groups, c_out // groups, -1)  # (N, G, Og, L)
+    per_sample = torch.einsum("ngol,ngclk->ngock", gg, ug).mul_(scale)
+    return outer_fisher(per_sample.reshape(n, -1, k))
+
+
+def fisher_ema_(f: torch.Tensor, fhat: torch.Tensor, decay: float) -> torch.Tensor:
+    """``F <- decay * F + (1 - decay) * Fhat`` in place (``decay=0`` initialises ``F = Fhat``).
+
+    A mini-block whose new value is not finite keeps its old value: a non-finite statistic never
+    reaches the curvature state.
+    """
+    fhat = fhat.to(f.dtype)
+    new = fhat if decay == 0.0 else torch.lerp(fhat, f, decay)
+    ok = torch.isfinite(new).all(dim=-1, keepdim=True)
+    f.copy_(torch.where(ok, new, f))
+    return f
+
+
+def damped_block_solve(
+    f: torch.Tensor, g: torch.Tensor, damping: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``d_i = (F_i + damping * I)^{-1} g_i`` for every mini-block, by batched Cholesky.
+
+    ``f``: packed ``(n, b*(b+1)//2)`` fp32; ``g``: ``(n, b)``. A block whose Cholesky factorisation
+    fails (non-positive or non-finite pivot) falls back to the diagonal,
+    ``d = g / (max(diag(F_i), 0) + damping)``. Returns ``(d fp32 (n, b), fallback bool (n,))``.
+    """
+    n, b = g.shape
+    g = g.to(f.dtype)
+    if b == 1:  # scalar blocks: no factorisation
+        denom = f[:, :1] + damping
+        fallback = ~(denom[:, 0] > 0) | ~torch.isfinite(denom[:, 0])
+        d = torch.where(fallback[:, None], g / (f[:, :1].clamp(min=0) + damping), g / denom)
+        return d, fallback
+    a = unpack_tril(f, b)
+    a.diagonal(dim1=-2, dim2=-1).add_(damping)
+    chol, info = torch.linalg.cholesky_ex(a)
+    fallback = (info != 0) | ~torch.isfinite(chol).all(dim=-1).all(dim=-1)
+    chol = torch.where(fallback[:, None, None], torch.eye(b, dtype=f.dtype, device=f.device), chol)
+    d = torch.cholesky_solve(g.unsqueeze(-1), chol).squeeze(-1)
+    diag = f[:, diag_indices(b, f.device)]
+    d_diag = g / (diag.clamp(min=0) + damping)
+    return torch.where(fallback[:, None], d_diag, d), fallback
+
+
+def apply_update_(
+    param: torch.Tensor,
+    direction: torch.Tensor,
+    momentum_buffer: torch.Tensor,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+) -> None:
+    """Decoupled weight decay, heavy-ball momentum on the direction, then ``p -= lr * m``.
+
+    ``m <- momentum * m + d``; ``p <- p * (1 - lr * weight_decay) - lr * m``; arithmetic in fp32
+    (``momentum_buffer`` is fp32), the result cast to the parameter's dtype.
+    """
+    momentum_buffer.mul_(momentum).add_(direction)
+    p32 = param.float()
+    if weight_decay != 0.0:
+        p32.mul_(1.0 - lr * weight_decay)
+    p32.add_(momentum_buffer, alpha=-lr)
+    param.copy_(p32)

@@ -1,0 +1,246 @@
+"""The optimizer as a torch.optim citizen: training, param groups, schedulers, closures, checkpoints,
+argument validation, non-finite gradients, the statistics schedule."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mbf_triton import MBF
+
+
+def small_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Flatten(), nn.Linear(6 * 4 * 4, 10),
+    )
+
+
+def data(seed: int = 0, n: int = 32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return x, y
+
+
+def train(model, opt, steps: int, seed: int = 0, sched=None) -> list[float]:
+    losses = []
+    for i in range(steps):
+        x, y = data(seed + i)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x.to(next(model.parameters()).dtype)).float(), y)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_loss_decreases_on_digits():
+    datasets = pytest.importorskip("sklearn.datasets")
+    digits = datasets.load_digits()
+    x = torch.tensor(digits.data[:512], dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target[:512])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+    opt = MBF(model, lr=0.05, damping=1e-2, backend="torch")
+    first = None
+    for epoch in range(8):
+        for i in range(0, 512, 64):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x[i : i + 64]), y[i : i + 64])
+            loss.backward()
+            opt.step()
+            first = loss.item() if first is None else first
+    final = nn.functional.cross_entropy(model(x), y).item()
+    assert final < 0.5 * first, (first, final)
+    assert opt.steps == 64 and opt.skipped_steps == 0
+
+
+def test_param_groups_have_their_own_hyperparameters():
+    model = small_cnn()
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    frozen = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+    opt = MBF(model, [{"params": decay, "weight_decay": 0.1}, {"params": frozen, "lr": 0.0}], lr=0.05,
+              backend="torch")
+    before = [p.detach().clone() for p in frozen]
+    train(model, opt, 3)
+    assert all(torch.equal(a, b) for a, b in zip(before, frozen))
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_scheduler_changes_the_step():
+    model = small_cnn()
+    opt = MBF(model, lr=0.05, momentum=0.0, backend="torch")
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.0)
+    train(model, opt, 1, sched=sched)
+    assert opt.param_groups[0]["lr"] == 0.0
+    before = [p.detach().clone() for p in model.parameters()]
+    train(model, opt, 2, seed=5)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_closure_is_called_and_its_loss_returned():
+    model = small_cnn()
+    opt = MBF(model, lr=0.05, backend="torch")
+    x, y = data()
+    calls = []
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        calls.append(loss.item())
+        return loss
+
+    loss = opt.step(closure)
+    assert calls and loss.item() == calls[0] and opt.steps == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_roundtrip_resumes_bit_exactly(dtype):
+    kw = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, stat_every=2, backend="torch")
+    model = small_cnn().to(dtype)
+    opt = MBF(model, **kw)
+    train(model, opt, 3)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    train(model, opt, 4, seed=100)
+
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model2 = small_cnn(seed=1).to(dtype)
+    model2.load_state_dict(ckpt["model"])
+    opt2 = MBF(model2, **kw)
+    opt2.load_state_dict(ckpt["opt"])
+    for p in model2.parameters():
+        assert opt2.state[p]["F"].dtype == torch.float32
+        assert opt2.state[p]["momentum_buffer"].dtype == torch.float32
+    assert opt2.steps == 3
+    train(model2, opt2, 4, seed=100)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(opt.state[a]["F"], opt2.state[b]["F"])
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"lr": -1.0}, "lr"), ({"lr": math.nan}, "lr"), ({"momentum": 1.0}, "momentum"),
+        ({"damping": 0.0}, "damping"), ({"damping": -1e-3}, "damping"), ({"stat_decay": 1.0}, "stat_decay"),
+        ({"weight_decay": -0.1}, "weight_decay"), ({"block_size": 0}, "block_size"),
+        ({"block_size": 2.5}, "block_size"), ({"stat_every": 0}, "stat_every"),
+        ({"loss_reduction": "max"}, "loss_reduction"), ({"backend": "cuda"}, "backend"),
+    ],
+)
+def test_invalid_arguments_raise_value_error(kw, match):
+    with pytest.raises(ValueError, match=match):
+        MBF(small_cnn(), **kw)
+
+
+def test_invalid_group_argument_and_model_type():
+    model = small_cnn()
+    with pytest.raises(ValueError, match="damping"):
+        MBF(model, [{"params": list(model.parameters()), "damping": -1.0}])
+    with pytest.raises(TypeError, match="nn.Module"):
+        MBF(list(model.parameters()))
+
+
+def test_triton_backend_on_cpu_explains_itself(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    pytest.importorskip("triton")
+    model = small_cnn()
+    opt = MBF(model, backend="triton")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        train(model, opt, 1)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_gradient_skips_the_step(bad):
+    model = small_cnn()
+    opt = MBF(model, lr=0.05, backend="torch")
+    train(model, opt, 2)
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for p in model.parameters() for k, v in opt.state[p].items() if torch.is_tensor(v)}
+    x, y = data(7)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    model[0].weight.grad[0, 0, 0, 0] = bad
+    opt.step()
+    assert opt.skipped_steps == 1 and opt.steps == 2
+    assert all(torch.equal(a, p) for a, p in zip(params, model.parameters()))
+    after = {k: v for p in model.parameters() for k, v in opt.state[p].items() if torch.is_tensor(v)}
+    assert all(torch.equal(state[k], after[k]) for k in state)
+    train(model, opt, 1)  # and training goes on
+    assert opt.steps == 3 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_stat_every_updates_statistics_on_schedule_and_captures_only_then():
+    model = small_cnn()
+    opt = MBF(model, lr=0.05, stat_every=3, backend="torch")
+    w = model[0].weight
+    history = []
+    for i in range(7):
+        x, y = data(i)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        history.append(bool(opt._capture.records))
+        before = opt.state[w]["F"].clone() if opt.state[w] else None
+        opt.step()
+        changed = before is None or not torch.equal(before, opt.state[w]["F"])
+        assert changed == (i % 3 == 0), i
+    assert history == [i % 3 == 0 for i in range(7)]
+    assert not opt._capture.records
+
+
+def test_no_capture_in_eval_or_no_grad():
+    model = small_cnn()
+    opt = MBF(model, backend="torch")
+    x, _ = data()
+    model.eval()
+    model(x)
+    model.train()
+    with torch.no_grad():
+        model(x)
+    assert not opt._capture.records
+    opt.remove_hooks()
+    model(x)
+    assert not opt._capture.records
+
+
+def test_layouts():
+    model = nn.Sequential(nn.Conv2d(3, 8, (3, 5), groups=1), nn.Flatten(), nn.Linear(40, 7), nn.LayerNorm(7))
+    opt = MBF(model, block_size=16, backend="torch")
+    conv, lin, norm = model[0], model[2], model[3]
+    assert (opt.layout(conv.weight).rows, opt.layout(conv.weight).b) == (24, 15)
+    lay = opt.layout(lin.weight)
+    assert (lay.rows, lay.cols, lay.b, lay.n_chunks, lay.n_blocks) == (7, 40, 16, 3, 21)
+    assert opt.layout(lin.bias).b == 1 and opt.layout(norm.weight).b == 1
+    assert MBF(model, block_size=100, backend="torch").layout(lin.weight).b == 40
+
+
+def test_fallback_blocks_are_counted_and_finite():
+    model = nn.Sequential(nn.Linear(4, 3))
+    opt = MBF(model, lr=0.1, damping=1e-3, backend="torch")
+    train_x, train_y = torch.randn(8, 4), torch.randn(8, 3)
+    opt.zero_grad()
+    nn.functional.mse_loss(model(train_x), train_y).backward()
+    opt.step()
+    opt.state[model[0].weight]["F"][0] = -1.0  # an indefinite block (e.g. corrupted state)
+    opt.zero_grad()
+    nn.functional.mse_loss(model(train_x), train_y).backward()
+    opt.param_groups[0]["stat_decay"] = 0.5
+    opt._counters["step"] = 1  # next step is a statistics step anyway; make the block stay indefinite
+    opt.stat_every = 1000
+    opt._sync_capture()
+    opt.step()
+    assert opt.fallback_blocks == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
