@@ -85,7 +85,7 @@ def _damped_block_update_kernel(
     r = blk // n_chunks
     col = (blk - r * n_chunks)[:, None] * B + t
     vec_off = r[:, None] * cols + col
-    vec_mask = valid[:, None] & (t < B)
+    vec_mask = valid[:, None] & (t < B) & (col < cols)
     g = tl.load(g_ptr + vec_off, mask=vec_mask, other=0.0).to(tl.float32)
     fdiag = tl.load(f_ptr + blk[:, None] * T + t * (t + 3) // 2, mask=valid[:, None] & (t < B), other=0.0)
 
