@@ -155,13 +155,18 @@ def damped_block_update_(
     weight_decay: float,
     blocks_per_program: int | None = None,
     num_warps: int | None = None,
-) -> None:
+    num_stages: int | None = None,
+):
     """Damped mini-block Cholesky solve fused with the momentum / weight-decay update, in place.
 
     ``f``: packed running Fisher ``(n_blocks, b*(b+1)//2)`` fp32 (read only); ``grad``, ``param``:
     ``(rows, cols)`` of the parameter's dtype (fp32, bf16 or fp16); ``momentum_buffer``: ``(rows, cols)``
     fp32; ``fallback_count``: int32 ``(1,)``, incremented by the number of blocks that took the diagonal
     fallback. ``param`` and ``momentum_buffer`` are updated in place; no host synchronisation.
+
+    ``blocks_per_program``, ``num_warps``, ``num_stages``: launch configuration (default:
+    :func:`default_launch_config`, Triton's default stages). Returns the compiled kernel that ran (None
+    under the interpreter or when there is nothing to do), so a tuner can read its register metadata.
     """
     if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= _MAX_B:
         raise ValueError(f"b={b!r} must be an int in [1, {_MAX_B}]")
@@ -205,18 +210,21 @@ def damped_block_update_(
     warps = default_warps if num_warps is None else num_warps
     _check_pow2("blocks_per_program", blocks)
     _check_pow2("num_warps", warps)
+    launch = {"num_warps": warps}
+    if num_stages is not None:
+        if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
+            raise ValueError(f"num_stages={num_stages!r} must be an int >= 1")
+        launch["num_stages"] = num_stages
     if n_blocks == 0:
-        return
+        return None
     # Plain Python floats: an int here would change the kernel signature and force a recompilation.
     scalars = (float(damping), float(lr), float(momentum), float(weight_decay))
     grid = (triton.cdiv(n_blocks, blocks),)
     if b == 1:
-        _scalar_block_update_kernel[grid](
-            f, grad, param, momentum_buffer, fallback_count, n_blocks, *scalars,
-            BLOCKS=blocks, num_warps=warps,
+        return _scalar_block_update_kernel[grid](
+            f, grad, param, momentum_buffer, fallback_count, n_blocks, *scalars, BLOCKS=blocks, **launch,
         )
-    else:
-        _damped_block_update_kernel[grid](
-            f, grad, param, momentum_buffer, fallback_count, n_blocks, n_chunks, cols, *scalars,
-            B=b, B_PAD=triton.next_power_of_2(b), T=t, BLOCKS=blocks, num_warps=warps,
-        )
+    return _damped_block_update_kernel[grid](
+        f, grad, param, momentum_buffer, fallback_count, n_blocks, n_chunks, cols, *scalars,
+        B=b, B_PAD=triton.next_power_of_2(b), T=t, BLOCKS=blocks, **launch,
+    )

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["FisherStatsConfig", "linear_fisher_ema_", "conv_fisher_ema_"]
+__all__ = ["FisherStatsConfig", "linear_fisher_ema_", "conv_fisher_ema_", "default_linear_config",
+           "default_conv_config"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -57,6 +58,20 @@ class FisherStatsConfig:
 
 def _pow2_clamp(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+def default_linear_config(n_out: int, t_size: int) -> FisherStatsConfig:
+    """Heuristic tiles of :func:`linear_fisher_ema_` for ``n_out`` outputs and ``t_size`` packed entries."""
+    return FisherStatsConfig(
+        block_o=_pow2_clamp(n_out, 16, 64), block_k=32, block_t=_pow2_clamp(t_size, 16, 128)
+    )
+
+
+def default_conv_config(og: int, n_l: int, t_size: int) -> FisherStatsConfig:
+    """Heuristic tiles of :func:`conv_fisher_ema_`: ``og`` outputs per group, ``n_l`` output positions."""
+    return FisherStatsConfig(
+        block_o=_pow2_clamp(og, 16, 32), block_k=_pow2_clamp(n_l, 16, 64), block_t=_pow2_clamp(t_size, 16, 64)
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -202,11 +217,13 @@ def linear_fisher_ema_(
     scale: float,
     decay: float,
     config: FisherStatsConfig | None = None,
-) -> None:
+):
     """``F <- EMA(F, linear_fisher(x, gout, b, scale), decay)`` in place, with the finite guard.
 
     ``f``: fp32 ``(out * ceil(in/b), b*(b+1)//2)`` contiguous; ``x``: ``(M, in)``; ``gout``:
     ``(M, out)``; any strides, fp32/bf16/fp16. Mini-block ``o * n_chunks + j`` is ``W[o, j*b:(j+1)*b]``.
+    ``config``: tile sizes (default :func:`default_linear_config`). Returns the compiled statistics kernel
+    (None under the interpreter), for a tuner to read its register metadata.
     """
     _check_float("x", x, 2)
     _check_float("gout", gout, 2)
@@ -225,16 +242,12 @@ def linear_fisher_ema_(
     t_size = b * (b + 1) // 2
     _check_f(f, n_out * n_chunks, t_size, x.device)
     if config is None:
-        config = FisherStatsConfig(
-            block_o=_pow2_clamp(n_out, 16, 64),
-            block_k=32,
-            block_t=_pow2_clamp(t_size, 16, 128),
-        )
+        config = default_linear_config(n_out, t_size)
     n_t_tiles = triton.cdiv(t_size, config.block_t)
     single = n_t_tiles == 1
     new = None if single else torch.empty_like(f)
     grid = (triton.cdiv(n_out, config.block_o), n_chunks * n_t_tiles)
-    _linear_fisher_ema_kernel[grid](
+    compiled = _linear_fisher_ema_kernel[grid](
         f, f if new is None else new, x, gout,
         m, n_in, n_out, n_chunks, float(scale) * float(scale) / m, float(decay),
         x.stride(0), x.stride(1), gout.stride(0), gout.stride(1),
@@ -243,6 +256,7 @@ def linear_fisher_ema_(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     _finish(f, new, t_size)
+    return compiled
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -322,12 +336,13 @@ def conv_fisher_ema_(
     scale: float,
     decay: float,
     config: FisherStatsConfig | None = None,
-) -> None:
+):
     """``F <- EMA(F, conv_fisher(u, gout, groups, scale), decay)`` in place, with the finite guard.
 
     ``u``: receptive fields ``(N, C_in, *L, *K)`` with ``d = 1..3`` spatial dims, any strides (the view
     of :func:`mbf_triton.reference.conv_patches`); ``gout``: ``(N, C_out, *L)``, any strides; ``f``: fp32
-    ``(C_out * C_in/groups, prod(K)*(prod(K)+1)//2)`` contiguous.
+    ``(C_out * C_in/groups, prod(K)*(prod(K)+1)//2)`` contiguous. ``config``: tile sizes (default
+    :func:`default_conv_config`). Returns the compiled statistics kernel (None under the interpreter).
     """
     _check_float("u", u, (4, 6, 8))
     d = (u.dim() - 2) // 2
@@ -364,16 +379,12 @@ def conv_fisher_ema_(
     sg_l = (0,) * pad + tuple(gout.stride(2 + i) for i in range(d))
 
     if config is None:
-        config = FisherStatsConfig(
-            block_o=_pow2_clamp(og, 16, 32),
-            block_k=_pow2_clamp(n_l, 16, 64),
-            block_t=_pow2_clamp(t_size, 16, 64),
-        )
+        config = default_conv_config(og, n_l, t_size)
     n_t_tiles = triton.cdiv(t_size, config.block_t)
     single = n_t_tiles == 1
     new = None if single else torch.empty_like(f)
     grid = (groups * triton.cdiv(og, config.block_o), cg, n_t_tiles)
-    _conv_fisher_ema_kernel[grid](
+    compiled = _conv_fisher_ema_kernel[grid](
         f, f if new is None else new, u, gout,
         n, cg, og, n_l, ls[1], ls[2], ks[1], ks[2], float(scale) * float(scale) / n, float(decay),
         u.stride(0), u.stride(1), *su_l, *su_k,
@@ -383,3 +394,4 @@ def conv_fisher_ema_(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     _finish(f, new, t_size)
+    return compiled

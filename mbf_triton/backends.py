@@ -15,7 +15,9 @@ import os
 
 import torch
 
+from . import autotune
 from . import reference as ref
+from .autotune import Tuner
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -56,27 +58,47 @@ class TorchBackend:
 
 
 class TritonBackend(TorchBackend):
-    """The same three operations as fused Triton kernels (``mbf_triton.kernels``)."""
+    """The same three operations as fused Triton kernels (``mbf_triton.kernels``).
+
+    Launch configurations come from an :class:`mbf_triton.autotune.Tuner` (default: the process-wide
+    one): tuned per (kernel, block size, block-count bucket, dtype) on the first step on a GPU, cached on
+    disk; the kernels' heuristic under the interpreter, under pytest or with ``MBF_TRITON_AUTOTUNE=0``.
+    :meth:`configs` lists what each layer shape got.
+    """
 
     name = "triton"
 
-    def __init__(self) -> None:
+    def __init__(self, tuner: Tuner | None = None) -> None:
         from .kernels import block_update, fisher_stats
 
         self._block_update = block_update
         self._fisher_stats = fisher_stats
+        self._tuner = tuner
+
+    @property
+    def tuner(self) -> Tuner:
+        return self._tuner if self._tuner is not None else autotune.get_tuner()
+
+    def configs(self) -> list[dict[str, object]]:
+        """One row per layer shape launched so far: kernel, shape, key, config, source, ms."""
+        return self.tuner.report()
 
     def linear_fisher_ema_(self, f, x, gout, *, b, scale, decay):  # noqa: D102
-        self._fisher_stats.linear_fisher_ema_(f, x, gout, b=b, scale=scale, decay=decay)
+        config = self.tuner.linear_stats_config(f, x, gout, b=b, scale=scale, decay=decay)
+        self._fisher_stats.linear_fisher_ema_(f, x, gout, b=b, scale=scale, decay=decay, config=config)
 
     def conv_fisher_ema_(self, f, u, gout, *, groups, scale, decay):  # noqa: D102
-        self._fisher_stats.conv_fisher_ema_(f, u, gout, groups=groups, scale=scale, decay=decay)
+        config = self.tuner.conv_stats_config(f, u, gout, groups=groups, scale=scale, decay=decay)
+        self._fisher_stats.conv_fisher_ema_(
+            f, u, gout, groups=groups, scale=scale, decay=decay, config=config
+        )
 
     def block_update_(self, f, grad, param, momentum_buffer, fallback_count, *, b, damping, lr, momentum,
                       weight_decay):  # noqa: D102
+        kw = dict(b=b, damping=damping, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        config = self.tuner.block_update_config(f, grad, param, momentum_buffer, fallback_count, **kw)
         self._block_update.damped_block_update_(
-            f, grad, param, momentum_buffer, fallback_count,
-            b=b, damping=damping, lr=lr, momentum=momentum, weight_decay=weight_decay,
+            f, grad, param, momentum_buffer, fallback_count, **kw, **config.launch_kwargs()
         )
 
 

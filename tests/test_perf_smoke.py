@@ -1,0 +1,61 @@
+"""The benchmark scripts run end to end in their CPU smoke mode (tiny sizes, Triton interpreter).
+
+Checks plumbing only (CSV with the environment columns, plots, exit status); the numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PERF = ROOT / "perf"
+ENV_COLUMNS = ("date", "device", "torch", "triton", "mbf_triton", "linalg", "mode")
+
+pytest.importorskip("matplotlib")
+
+
+def _run(script: str, out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, str(PERF / script), "--smoke", "--no-progress", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=110)
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows, f"{path} has no rows"
+    for r in rows:
+        for col in ENV_COLUMNS:
+            assert r.get(col), f"{path}: column {col!r} missing or empty in {r}"
+        assert r["mode"] == "smoke"
+    return rows
+
+
+@pytest.mark.parametrize(
+    "script, csv_name, png_name",
+    [("bench_solve.py", "solve.csv", "solve_speedup.png"), ("bench_step.py", "step.csv", "step_time.png")],
+)
+def test_benchmark_smoke(tmp_path: Path, script: str, csv_name: str, png_name: str) -> None:
+    proc = _run(script, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = _rows(tmp_path / csv_name)
+    assert (tmp_path / png_name).stat().st_size > 0
+    if script == "bench_solve.py":
+        assert all(float(r["triton_err"]) < 1e-3 for r in rows)
+        assert all(float(r["triton_ms"]) > 0 for r in rows)
+    else:
+        assert {r["model"] for r in rows} == {"resnet32", "vgg16", "autoencoder"}
+        assert any(r["optimizer"].startswith("adam") for r in rows)
+
+
+def test_help() -> None:
+    for script in ("bench_solve.py", "bench_step.py"):
+        proc = subprocess.run([sys.executable, str(PERF / script), "--help"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0 and "--smoke" in proc.stdout
