@@ -26,10 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["damped_block_update_", "default_launch_config"]
+__all__ = ["MAX_BLOCK_SIZE", "damped_block_update_", "default_launch_config"]
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_MAX_B = 64
+MAX_BLOCK_SIZE = 64  # the register tile holds B_PAD^2 floats per block; larger b use the torch path
+_MAX_B = MAX_BLOCK_SIZE
 _RUNTIME_SCALARS = ["damping", "lr", "momentum", "weight_decay"]
 
 

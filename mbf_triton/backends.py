@@ -96,6 +96,8 @@ class TritonBackend(TorchBackend):
     def block_update_(self, f, grad, param, momentum_buffer, fallback_count, *, b, damping, lr, momentum,
                       weight_decay):  # noqa: D102
         kw = dict(b=b, damping=damping, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        if b > self._block_update.MAX_BLOCK_SIZE:  # e.g. 5x5x5 kernels: batched torch.linalg instead
+            return super().block_update_(f, grad, param, momentum_buffer, fallback_count, **kw)
         config = self.tuner.block_update_config(f, grad, param, momentum_buffer, fallback_count, **kw)
         self._block_update.damped_block_update_(
             f, grad, param, momentum_buffer, fallback_count, **kw, **config.launch_kwargs()

@@ -20,6 +20,23 @@ from .optimizer import MBF
 OPTIMIZERS = ("mbf", "adam", "sgd")
 TASKS = ("autoencoder", "cnn")
 
+# Hyperparameters of the demo: the points selected by the study in perf/train_quality.py (lowest final
+# validation loss of each optimizer's grid, seed 0; see perf/quality/summary.md).
+TUNED: dict[str, dict] = {
+    "autoencoder": {
+        "demo_epochs": 40,
+        "mbf": {"lr": 9e-6, "damping": 3e-6, "block_size": 16, "stat_decay": 0.99, "stat_every": 1},
+        "adam": {"lr": 1e-2},
+        "sgd": {"lr": 1.0},
+    },
+    "cnn": {
+        "demo_epochs": 10,
+        "mbf": {"lr": 1e-3, "damping": 1e-3, "stat_decay": 0.99, "stat_every": 1},
+        "adam": {"lr": 3e-3},
+        "sgd": {"lr": 0.03},
+    },
+}
+
 
 @dataclass
 class Split:
@@ -93,13 +110,13 @@ TASK_SPECS = {
 
 
 def make_optimizer(name: str, model: nn.Module, lr: float, **kw) -> torch.optim.Optimizer:
-    """MBF, Adam or SGD-momentum(0.9) over ``model``; ``kw`` go to MBF (ignored by the others)."""
+    """MBF, Adam or SGD (momentum 0.9 unless ``momentum`` is given) over ``model``; ``kw`` go to MBF."""
     if name == "mbf":
         return MBF(model, lr=lr, **kw)
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr)
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=kw.get("momentum", 0.9))
     raise ValueError(f"optimizer={name!r} must be one of {OPTIMIZERS}")
 
 

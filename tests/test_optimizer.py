@@ -50,7 +50,7 @@ def test_loss_decreases_on_digits():
     y = torch.tensor(digits.target[:512])
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
-    opt = MBF(model, lr=0.05, damping=1e-2, backend="torch")
+    opt = MBF(model, backend="torch")  # the defaults
     first = None
     for epoch in range(8):
         for i in range(0, 512, 64):
@@ -60,7 +60,7 @@ def test_loss_decreases_on_digits():
             opt.step()
             first = loss.item() if first is None else first
     final = nn.functional.cross_entropy(model(x), y).item()
-    assert final < 0.5 * first, (first, final)
+    assert final < 0.1 * first, (first, final)  # measured: 2.33 -> 0.008
     assert opt.steps == 64 and opt.skipped_steps == 0
 
 

@@ -97,8 +97,10 @@ def make_case(name: str, reduction: str = "mean"):
     else:
         y = torch.randint(0, out_dim, (xshape[0],))
         fn = nn.functional.cross_entropy
-    batch_fn = (lambda o, t: fn(o, t, reduction=reduction))
-    sample_fn = (lambda o, t: fn(o, t, reduction=reduction))  # the loss of one sample
+    def loss_fn(out, target):  # the batch loss, and applied to one sample, that sample's loss
+        return fn(out, target, reduction=reduction)
+
+    batch_fn = sample_fn = loss_fn
     return model, x, y, batch_fn, sample_fn, block_size
 
 
