@@ -358,10 +358,10 @@ class DiskCache:
 
     def _read(self, warn: bool) -> dict[str, dict]:
         try:
-            text = self.path.read_text()
+            text = self.path.read_bytes().decode("utf-8")
         except FileNotFoundError:
             return {}
-        except OSError as e:
+        except (OSError, UnicodeDecodeError) as e:
             if warn:
                 warnings.warn(
                     f"ignoring unreadable autotune cache {self.path}: {e}",
@@ -371,7 +371,7 @@ class DiskCache:
             return {}
         try:
             data = json.loads(text)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             if warn:
                 warnings.warn(
                     f"ignoring corrupt autotune cache {self.path} ({e}); it will be rewritten",
@@ -694,7 +694,11 @@ class Tuner:
                 if self.prune_spills and trial.n_spills and cfg != heuristic:
                     trial.status = f"pruned: {trial.n_spills} register spills"
                     continue
-                trial.ms = float(timer(lambda cfg=cfg: run(cfg), cfg))
+                try:
+                    trial.ms = float(timer(lambda cfg=cfg: run(cfg), cfg))
+                except Exception as e:  # noqa: BLE001 - e.g. out of memory in the timer: prune, never crash
+                    trial.status = f"failed while timing: {type(e).__name__}"[:200]
+                    continue
                 if best is None or trial.ms < best.ms:
                     best = trial
         heuristic_ms = next((t.ms for t in trials if t.config == heuristic), None)

@@ -122,16 +122,23 @@ def _instance(name: str) -> TorchBackend:
     return TritonBackend() if name == "triton" else TorchBackend()
 
 
-def get_backend(requested: str, device: torch.device) -> TorchBackend:
-    """The backend that runs tensors on ``device``: the single dispatch point.
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-    ``"auto"``: Triton for CUDA tensors when triton is importable, else torch. ``"triton"`` needs a CUDA
-    device, or ``TRITON_INTERPRET=1`` (the kernels then run on the CPU, slowly: for tests).
+
+def get_backend(requested: str, device: torch.device, dtype: torch.dtype = torch.float32) -> TorchBackend:
+    """The backend that runs a parameter of ``dtype`` on ``device``: the single dispatch point.
+
+    ``"auto"``: Triton for CUDA tensors of fp32/bf16/fp16 when triton is importable, else torch (float64
+    parameters always take the torch path). ``"triton"`` needs a CUDA device, or ``TRITON_INTERPRET=1``
+    (the kernels then run on the CPU, slowly: for tests).
     """
     if requested not in BACKENDS:
         raise ValueError(f"backend={requested!r} must be one of {BACKENDS}")
     if requested == "auto":
-        requested = "triton" if device.type == "cuda" and triton_available() else "torch"
+        use_triton = device.type == "cuda" and dtype in TRITON_DTYPES and triton_available()
+        requested = "triton" if use_triton else "torch"
+    if requested == "triton" and dtype not in TRITON_DTYPES:
+        raise ValueError(f"backend='triton' supports parameters of {TRITON_DTYPES}, got {dtype}; use 'auto'")
     if requested == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package (pip install triton)")

@@ -25,32 +25,51 @@ class Record:
 
 
 class Capture:
-    """Owns the hooks on one model and the records of the current step."""
+    """Owns the hooks on one model and the records of the current step.
 
-    def __init__(self, model: nn.Module) -> None:
+    Only layers whose ``weight`` or ``bias`` is among ``params`` (default: all) are hooked, and a layer
+    records nothing while none of those parameters requires grad (frozen layers keep no inputs alive).
+    """
+
+    def __init__(self, model: nn.Module, params: list[torch.Tensor] | None = None) -> None:
         self.capturing = True
         self.records: dict[nn.Module, list[Record]] = {}
-        self.owner: dict[int, nn.Module] = {}  # id(parameter) -> supported module owning it
+        wanted = None if params is None else {id(p) for p in params}
+        # id(parameter) -> (parameter, module); the parameter is kept so that its id cannot be reused
+        self._owner: dict[int, tuple[torch.Tensor, nn.Module]] = {}
         self._handles = []
         for module in model.modules():
-            if isinstance(module, CONV_TYPES + LINEAR_TYPES):
-                for p in module.parameters(recurse=False):
-                    self.owner.setdefault(id(p), module)
-                self._handles.append(module.register_forward_hook(self._forward_hook))
+            if not isinstance(module, CONV_TYPES + LINEAR_TYPES):
+                continue
+            mine = [p for p in (module.weight, getattr(module, "bias", None))
+                    if isinstance(p, torch.Tensor) and (wanted is None or id(p) in wanted)]
+            if not mine:
+                continue
+            for p in mine:
+                self._owner.setdefault(id(p), (p, module))
+            self._handles.append(module.register_forward_hook(self._forward_hook))
 
     def module_of(self, param: torch.Tensor) -> nn.Module | None:
-        return self.owner.get(id(param))
+        entry = self._owner.get(id(param))
+        return entry[1] if entry is not None and entry[0] is param else None
 
     def _forward_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if not (self.capturing and module.training and torch.is_grad_enabled()):
             return
+        if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].numel() == 0:
+            return  # keyword-only call or empty batch: nothing to learn from
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        if not any(p.requires_grad for p in (module.weight, getattr(module, "bias", None))
+                   if isinstance(p, torch.Tensor)):
             return
         record = Record(inputs[0].detach())
         self.records.setdefault(module, []).append(record)
 
         def keep_grad(grad: torch.Tensor) -> None:
-            record.grad_output = grad.detach()
+            # several backward passes through one graph (retain_graph) add up, as p.grad does
+            g = grad.detach()
+            record.grad_output = g if record.grad_output is None else record.grad_output + g
 
         output.register_hook(keep_grad)
 

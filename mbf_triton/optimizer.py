@@ -15,6 +15,8 @@ Steps 2-3 are one fused call of the backend (:mod:`mbf_triton.backends`).
 from __future__ import annotations
 
 import math
+import numbers
+import weakref
 from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any
@@ -33,12 +35,12 @@ _FP32_STATE = ("F", "momentum_buffer")  # kept in fp32 whatever the parameter's 
 
 
 def _check_number(name: str, value: Any, low: float, high: float, low_open: bool, high_open: bool) -> None:
+    allowed = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number in {allowed}")
     lo_ok = value > low if low_open else value >= low
     hi_ok = value < high if high_open else value <= high
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not (
-        lo_ok and hi_ok
-    ):
-        allowed = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if not (lo_ok and hi_ok):
         raise ValueError(f"{name}={value!r} must be a finite number in {allowed}")
 
 
@@ -114,7 +116,10 @@ class MBF(Optimizer):
         self.stat_every = stat_every
         self.loss_reduction = loss_reduction
         self.backend = backend
-        self._capture = Capture(model)
+        self._capture = Capture(model, params=[p for g in self.param_groups for p in g["params"]])
+        # the hooks hold the capture, not the optimizer: an optimizer that is dropped takes its hooks along
+        self._finalizer = weakref.finalize(self, self._capture.remove)
+        self._pending_capture = False  # a parameter is waiting for its first statistics
         self._counters = {"step": 0, "skipped_steps": 0}
         self._fallback_total: dict[torch.device, torch.Tensor] = {}
         self._fallback_step: dict[torch.device, torch.Tensor] = {}
@@ -143,6 +148,8 @@ class MBF(Optimizer):
         saved_state = {pid: dict(s) for pid, s in state_dict["state"].items()}
         kept = {pid: {k: s.pop(k) for k in _FP32_STATE if k in s} for pid, s in saved_state.items()}
         super().load_state_dict({**state_dict, "state": saved_state})
+        for group in self.param_groups:
+            _check_group(group)
         ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for pid, p in zip(ids, params):
@@ -153,7 +160,7 @@ class MBF(Optimizer):
             self._fallback_total = {}
             self._fallback_step = {}
             if extra.get("fallback_blocks"):
-                device = self.param_groups[0]["params"][0].device
+                device = next(p.device for g in self.param_groups for p in g["params"])
                 self._fallback_counter(device)[1].fill_(int(extra["fallback_blocks"]))
         self._sync_capture()
 
@@ -178,6 +185,12 @@ class MBF(Optimizer):
         group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
         return layout_for(param, self._capture.module_of(param), group["block_size"])
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch.optim's, and drops captured layer inputs/gradients no ``step()`` consumed (e.g. a step
+        skipped by the caller)."""
+        super().zero_grad(set_to_none=set_to_none)
+        self._capture.clear()
+
     def remove_hooks(self) -> None:
         """Detach the optimizer's hooks from the model (it can no longer compute statistics)."""
         self._capture.remove()
@@ -190,15 +203,20 @@ class MBF(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         try:
-            active = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+            active = [(g, p) for g in self.param_groups for p in g["params"]
+                      if p.grad is not None and p.numel() > 0]
             if not active:
                 return loss
             if not self._all_finite([p.grad for _, p in active]):
                 self._counters["skipped_steps"] += 1
                 return loss
             stat_step = self._counters["step"] % self.stat_every == 0
-            for group, p in active:
-                self._update_param(group, p, stat_step)
+            # everything that can fail is resolved before the first parameter changes: no partial steps
+            plan = [self._prepare(group, p) for group, p in active]
+            lrs = {id(g): float(g["lr"]) for g in self.param_groups}  # one read of a tensor lr per group
+            self._pending_capture = False
+            for (group, p), prepared in zip(active, plan):
+                self._update_param(group, p, stat_step, lrs[id(group)], *prepared)
             for device, step_count in self._fallback_step.items():
                 self._fallback_total[device].add_(step_count)
                 step_count.zero_()
@@ -210,7 +228,7 @@ class MBF(Optimizer):
 
     def _sync_capture(self) -> None:
         # capture during the forward/backward that precedes a statistics step
-        self._capture.capturing = self._counters["step"] % self.stat_every == 0
+        self._capture.capturing = self._pending_capture or self._counters["step"] % self.stat_every == 0
 
     @staticmethod
     def _all_finite(grads: list[torch.Tensor]) -> bool:
@@ -225,8 +243,9 @@ class MBF(Optimizer):
             self._fallback_total[device] = torch.zeros(1, dtype=torch.int64, device=device)
         return self._fallback_step[device], self._fallback_total[device]
 
-    def _update_param(self, group: dict[str, Any], p: torch.Tensor, stat_step: bool) -> None:
-        backend = get_backend(self.backend, p.device)
+    def _prepare(self, group: dict[str, Any], p: torch.Tensor):
+        """Backend, module and layout of ``p``, its state created or moved to ``p``'s device and checked."""
+        backend = get_backend(self.backend, p.device, p.dtype)
         module = self._capture.module_of(p)
         layout = layout_for(p, module, group["block_size"])
         state = self.state[p]
@@ -234,21 +253,36 @@ class MBF(Optimizer):
             state["F"] = torch.zeros(layout.n_blocks, layout.tri, dtype=torch.float32, device=p.device)
             state["momentum_buffer"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
             state["stat_steps"] = 0
-        f = state["F"]
-        if f.shape != (layout.n_blocks, layout.tri):
+        for key in _FP32_STATE:  # e.g. a checkpoint loaded before model.cuda()
+            if state[key].device != p.device:
+                state[key] = state[key].to(p.device)
+        if state["F"].shape != (layout.n_blocks, layout.tri):
             raise ValueError(
-                f"curvature state of shape {tuple(f.shape)} does not match the parameter's mini-block layout "
-                f"{layout} (was block_size changed after the first step?)"
+                f"curvature state of shape {tuple(state['F'].shape)} does not match the parameter's mini-block "
+                f"layout {layout} (was block_size changed after the first step?)"
             )
+        return backend, module, layout
+
+    def _update_param(self, group: dict[str, Any], p: torch.Tensor, stat_step: bool, lr: float, backend, module,
+                      layout: Layout) -> None:
+        state = self.state[p]
+        f = state["F"]
         if stat_step or state["stat_steps"] == 0:
-            decay = group["stat_decay"] if state["stat_steps"] > 0 else 0.0
-            self._update_statistics(backend, p, module, layout, f, decay)
-            state["stat_steps"] += 1
+            has_records = module is not None and bool(self._capture.complete_records(module))
+            if state["stat_steps"] == 0 and not stat_step and module is not None and not has_records:
+                # First gradient of a layer off the statistics schedule (added, unfrozen, or unused so
+                # far): no per-sample data was captured. Step with F = 0 (damping only) and capture for the
+                # next step rather than starting F from the batch gradient, which is ~N times too small.
+                self._pending_capture = True
+            else:
+                decay = group["stat_decay"] if state["stat_steps"] > 0 else 0.0
+                self._update_statistics(backend, p, module, layout, f, decay)
+                state["stat_steps"] += 1
 
         grad = p.grad.contiguous()
         work = p.data if p.data.is_contiguous() else p.data.contiguous()
         buf = state["momentum_buffer"]
-        lr = group["lr"].item() if isinstance(group["lr"], torch.Tensor) else group["lr"]
+
         backend.block_update_(
             f, layout.matrix(grad), layout.matrix(work), layout.matrix(buf), self._fallback_counter(p.device)[0],
             b=layout.b, damping=group["damping"], lr=lr, momentum=group["momentum"],

@@ -232,10 +232,10 @@ def apply_update_(
     """Decoupled weight decay, heavy-ball momentum on the direction, then ``p -= lr * m``.
 
     ``m <- momentum * m + d``; ``p <- p * (1 - lr * weight_decay) - lr * m``; arithmetic in fp32
-    (``momentum_buffer`` is fp32), the result cast to the parameter's dtype.
+    (float64 for float64 parameters; ``momentum_buffer`` is fp32), the result cast to the parameter's dtype.
     """
     momentum_buffer.mul_(momentum).add_(direction)
-    p32 = param.float()
+    p32 = _f32(param)  # the parameter itself when fp32/fp64, an fp32 copy otherwise
     if weight_decay != 0.0:
         p32.mul_(1.0 - lr * weight_decay)
     p32.add_(momentum_buffer, alpha=-lr)

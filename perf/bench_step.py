@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
 
     stat_default = default_stat_every()
-    window = stat_default
+    window = 1 if args.smoke else stat_default  # smoke: one iteration per window (the interpreter is slow)
     specs = [s for s in model_specs(args.smoke) if args.models is None or s.name in args.models]
     ospecs = opt_specs(device, args, stat_default)
     print(f"MBF default stat_every = {stat_default}; timing windows of {window} iteration(s)"

@@ -224,7 +224,8 @@ def _plot(task: str, runs: dict, best: dict, path: str) -> None:
         axes[1].fill_between(t, lo, hi, color=color, alpha=0.2)
     axes[0].set(xlabel="epoch", ylabel="training loss (mean, min..max over seeds)", yscale="log",
                 title=f"digits {task}")
-    axes[1].set(xlabel="training time (s)", ylabel="training loss", yscale="log", title="per second")
+    axes[1].set(xlabel="training time (s, log)", ylabel="training loss", xscale="log", yscale="log",
+                title="per second of training")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -244,3 +244,110 @@ def test_fallback_blocks_are_counted_and_finite():
     opt.step()
     assert opt.fallback_blocks == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_dropped_optimizer_takes_its_hooks_along():
+    import gc
+
+    model = small_cnn()
+    opt = MBF(model, backend="torch")
+    capture = opt._capture
+    del opt
+    gc.collect()
+    model(data()[0])
+    assert not capture.records and not capture._handles
+
+
+def test_float64_parameters_keep_their_precision():
+    model = nn.Linear(3, 2).double()
+    with torch.no_grad():
+        model.weight.fill_(1 + 1e-12)
+    opt = MBF(model, lr=0.0, backend="torch")
+    nn.functional.mse_loss(model(torch.randn(4, 3, dtype=torch.float64)), torch.zeros(4, 2,
+                           dtype=torch.float64)).backward()
+    opt.step()
+    assert (model.weight == 1 + 1e-12).all()
+
+
+def test_capture_edge_cases_keyword_input_empty_batch_frozen_layer_and_retain_graph():
+    torch.manual_seed(0)
+    lin, frozen = nn.Linear(3, 2), nn.Linear(3, 3)
+    frozen.requires_grad_(False)
+    model = nn.ModuleList([lin, frozen])
+    opt = MBF(model, [lin.weight, lin.bias], backend="torch")
+    lin(input=torch.randn(2, 3)).sum().backward()  # keyword call: not captured, no crash
+    lin(torch.randn(0, 3)).sum().backward()  # empty batch: not captured
+    frozen(torch.randn(2, 3))  # frozen layer: no record keeps its input alive
+    assert not opt._capture.records
+    opt.zero_grad()
+    x = torch.randn(5, 3)
+    out = lin(frozen(x))
+    out[:, 0].sum().backward(retain_graph=True)
+    out[:, 1].sum().backward()  # two backward passes through one graph add up, like p.grad
+    (rec,) = opt._capture.complete_records(lin)
+    assert torch.equal(rec.grad_output, torch.ones(5, 2))
+
+
+def test_first_gradient_off_schedule_waits_for_captured_statistics():
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 4), nn.Linear(4, 2)
+    model = nn.Sequential(a, nn.Tanh(), b)
+    b.requires_grad_(False)
+    opt = MBF(model, list(model.parameters()), lr=0.01, stat_every=5, backend="torch")
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+
+    def one_step():
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+    one_step()
+    b.requires_grad_(True)  # unfrozen at step 2, off the statistics schedule
+    one_step()
+    assert opt.state[b.weight]["stat_steps"] == 0 and torch.equal(opt.state[b.weight]["F"],
+                                                                   torch.zeros_like(opt.state[b.weight]["F"]))
+    assert opt._capture.capturing
+    one_step()  # now from captured per-sample gradients
+    assert opt.state[b.weight]["stat_steps"] == 1 and opt.state[b.weight]["F"].abs().sum() > 0
+    assert not opt._capture.capturing  # back on schedule (step 4 is not a statistics step)
+
+
+def test_weight_norm_style_extra_parameters_are_diagonal():
+    lin = nn.Linear(3, 2)
+    lin.scale = nn.Parameter(torch.ones(2))
+    opt = MBF(lin, backend="torch")
+    assert opt.layout(lin.scale).kind == "diag" and opt.layout(lin.weight).kind == "linear"
+    (lin(torch.randn(4, 3)) * lin.scale).sum().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("kw", [{"lr": "0.1"}, {"lr": None}, {"damping": "1e-3"}, {"momentum": [0.9]}])
+def test_wrong_types_raise_value_error(kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        MBF(small_cnn(), **kw)
+
+
+def test_zero_size_parameter_and_zero_grad_clearing():
+    model = nn.Sequential(nn.Linear(3, 2))
+    model.empty = nn.Parameter(torch.zeros(0))
+    opt = MBF(model, backend="torch")
+    out = model(torch.randn(4, 3)).sum() + model.empty.sum()
+    out.backward()
+    assert opt._capture.records
+    opt.step()
+    model(torch.randn(4, 3)).sum().backward()
+    opt.zero_grad()  # drops records that no step consumed
+    assert not opt._capture.records
+
+
+def test_dispatch_rules():
+    from mbf_triton.backends import get_backend, triton_available
+
+    cuda = torch.device("cuda")
+    assert get_backend("auto", cuda, torch.float64).name == "torch"  # kernels are fp32/bf16/fp16 only
+    assert get_backend("auto", torch.device("cpu"), torch.float32).name == "torch"
+    assert get_backend("torch", cuda, torch.float32).name == "torch"
+    if triton_available():
+        assert get_backend("auto", cuda, torch.bfloat16).name == "triton"
+        with pytest.raises(ValueError, match="float64"):
+            get_backend("triton", cuda, torch.float64)
