@@ -146,8 +146,8 @@ def _linear_fisher_ema_kernel(
     B: tl.constexpr, T: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, SINGLE_T: tl.constexpr,
 ):
-    pid_o = tl.program_id(0)
-    pid_jt = tl.program_id(1)
+    pid_jt = tl.program_id(0)  # (chunk, tile of the packed triangle): can exceed 65535, so axis 0
+    pid_o = tl.program_id(1)
     n_t_tiles = (T + BLOCK_T - 1) // BLOCK_T
     j = pid_jt // n_t_tiles
     tt = pid_jt % n_t_tiles
@@ -246,7 +246,7 @@ def linear_fisher_ema_(
     n_t_tiles = triton.cdiv(t_size, config.block_t)
     single = n_t_tiles == 1
     new = None if single else torch.empty_like(f)
-    grid = (triton.cdiv(n_out, config.block_o), n_chunks * n_t_tiles)
+    grid = (n_chunks * n_t_tiles, triton.cdiv(n_out, config.block_o))
     compiled = _linear_fisher_ema_kernel[grid](
         f, f if new is None else new, x, gout,
         m, n_in, n_out, n_chunks, float(scale) * float(scale) / m, float(decay),

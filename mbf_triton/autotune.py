@@ -71,8 +71,8 @@ KERNELS = ("block_update", "linear_stats", "conv_stats")
 MODES = ("auto", "off", "force")
 
 # Register budget of one program's main tile, in fp32 values per thread (255 registers per thread at most).
-MAX_VALUES_PER_THREAD = 128
-MIN_VALUES_PER_THREAD = 4
+MAX_VALUES_PER_THREAD = 32  # above this ptxas spilled or used ~250 registers (sm_90 resource report)
+MIN_VALUES_PER_THREAD = 2
 MAX_BLOCK_TILE = 16384  # fp32 entries of one block-update program's [BLOCKS, B_PAD, B_PAD] tile
 SMEM_BUDGET = 160 * 1024  # bytes of shared memory the pipelined statistics loads may take
 
@@ -187,7 +187,7 @@ def block_update_heuristic(b: int) -> BlockUpdateConfig:
 
 
 def block_update_candidates(
-    b: int, n_blocks: int, *, warps: Sequence[int] = (1, 2, 4, 8), stages: Sequence[int | None] = (None,)
+    b: int, n_blocks: int, *, warps: Sequence[int] = (1, 2, 4, 8, 16), stages: Sequence[int | None] = (None,)
 ) -> list[BlockUpdateConfig]:
     """Launch configs worth timing for ``n_blocks`` mini-blocks of size ``b``; the heuristic comes first.
 
