@@ -710,6 +710,15 @@ class Tuner:
         return Choice(best.config, "tuned", best.ms, heuristic_ms, trials)
 
     # -- the three kernels ------------------------------------------------------------------------
+    def _reuse(self, key: str, layer: tuple) -> object | None:
+        """The config already chosen for ``key`` (the fast path after the first step), else None."""
+        choice = self.chosen.get(key)
+        if choice is None or choice.source == "heuristic" or self.resolved_mode() == "off":
+            return None
+        self.layers[layer] = key
+        self.last_key = key
+        return choice.config
+
     def block_update_config(
         self,
         f: torch.Tensor,
@@ -729,12 +738,9 @@ class Tuner:
         n_blocks = int(f.shape[0])
         key = block_update_key(b, n_blocks, param.dtype)
         layer = ("block_update", tuple(param.shape), b, param.dtype)
-        choice = self.chosen.get(key)
-        # fast path after the first step
-        if choice is not None and choice.source != "heuristic" and self.resolved_mode() != "off":
-            self.layers[layer] = key
-            self.last_key = key
-            return choice.config
+        reused = self._reuse(key, layer)
+        if reused is not None:
+            return reused
         from .kernels.block_update import damped_block_update_
 
         scratch: list[torch.Tensor] = []
@@ -769,11 +775,9 @@ class Tuner:
         n_out = gout.shape[1]
         key = linear_stats_key(b, int(f.shape[0]), x.dtype, m, n_out)
         layer = ("linear_stats", tuple(x.shape), tuple(gout.shape), b, x.dtype)
-        choice = self.chosen.get(key)
-        if choice is not None and choice.source != "heuristic" and self.resolved_mode() != "off":
-            self.layers[layer] = key
-            self.last_key = key
-            return choice.config
+        reused = self._reuse(key, layer)
+        if reused is not None:
+            return reused
         from .kernels.fisher_stats import default_linear_config, linear_fisher_ema_
 
         scratch: list[torch.Tensor] = []
@@ -807,11 +811,9 @@ class Tuner:
         og = gout.shape[1] // max(groups, 1)
         key = conv_stats_key(b, int(f.shape[0]), u.dtype, n, n_l, og)
         layer = ("conv_stats", tuple(u.shape), tuple(gout.shape), groups, u.dtype)
-        choice = self.chosen.get(key)
-        if choice is not None and choice.source != "heuristic" and self.resolved_mode() != "off":
-            self.layers[layer] = key
-            self.last_key = key
-            return choice.config
+        reused = self._reuse(key, layer)
+        if reused is not None:
+            return reused
         from .kernels.fisher_stats import conv_fisher_ema_, default_conv_config
 
         scratch: list[torch.Tensor] = []

@@ -1,0 +1,115 @@
+"""Registers and spills of the Triton kernels, without a GPU.
+
+Compiles each kernel for an sm_90 target (H100/H200) with the installed triton and reads the cubin's
+resource usage with the ``cuobjdump`` that ships inside triton's NVIDIA backend. This is the compiler's
+report, not a measurement of speed: use it to keep launch configurations free of register spills and to
+see their occupancy cost before a GPU run. Usage::
+
+    python perf/resource_report.py            # the default launch configs of every kernel
+    python perf/resource_report.py --quick    # two configs (CI smoke)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from mbf_triton.kernels import block_update as bu
+from mbf_triton.kernels import fisher_stats as fs
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+ARCH = 90
+_F = "*fp32"
+BLOCK_UPDATE_SIG = {
+    "f_ptr": _F, "g_ptr": _F, "p_ptr": _F, "m_ptr": _F, "count_ptr": "*i32",
+    "n_blocks": "i32", "n_chunks": "i32", "cols": "i32",
+    "damping": "fp32", "lr": "fp32", "momentum": "fp32", "weight_decay": "fp32",
+    "B": "constexpr", "B_PAD": "constexpr", "T": "constexpr", "BLOCKS": "constexpr",
+}
+LINEAR_SIG = {
+    "f_ptr": _F, "new_ptr": _F, "x_ptr": _F, "g_ptr": _F, "M": "i32", "n_in": "i32", "n_out": "i32",
+    "n_chunks": "i32", "scale2_over_m": "fp32", "decay": "fp32",
+    "s_xm": "i64", "s_xi": "i64", "s_gm": "i64", "s_go": "i64",
+    "B": "constexpr", "T": "constexpr", "BLOCK_O": "constexpr", "BLOCK_M": "constexpr", "BLOCK_T": "constexpr",
+    "SINGLE_T": "constexpr",
+}
+CONV_SIG = {
+    "f_ptr": _F, "new_ptr": _F, "u_ptr": _F, "g_ptr": _F,
+    **{n: "i32" for n in ("N", "Cg", "Og", "L", "L2", "L3", "K2", "K3")},
+    "scale2_over_n": "fp32", "decay": "fp32",
+    **{n: "i64" for n in ("su_n", "su_c", "su_l1", "su_l2", "su_l3", "su_k1", "su_k2", "su_k3",
+                          "sg_n", "sg_o", "sg_l1", "sg_l2", "sg_l3")},
+    "T": "constexpr", "BLOCK_O": "constexpr", "BLOCK_L": "constexpr", "BLOCK_T": "constexpr", "SINGLE_T": "constexpr",
+}
+
+
+def cuobjdump() -> Path:
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: this triton build ships no cuobjdump")
+    return path
+
+
+def resources(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int = 2) -> dict[str, int]:
+    """Registers, stack (spill) bytes and static shared memory of one compiled configuration."""
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                            target=GPUTarget("cuda", ARCH, 32), options={"num_warps": num_warps,
+                                                                         "num_stages": num_stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        out = subprocess.run([str(cuobjdump()), "-res-usage", str(cubin)], capture_output=True, text=True,
+                             check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", out)
+    if m is None:
+        raise RuntimeError(f"unexpected cuobjdump output: {out[:200]}")
+    return {"registers": int(m[1]), "stack": int(m[2]), "shared": int(m[3])}
+
+
+def rows(quick: bool) -> list[tuple[str, str, dict]]:
+    out = []
+    for b in ((9,) if quick else (2, 4, 9, 16, 25, 27, 32, 49, 64)):
+        blocks, warps = bu.default_launch_config(b)
+        b_pad = triton.next_power_of_2(b)
+        r = resources(bu._damped_block_update_kernel, BLOCK_UPDATE_SIG,
+                      {"B": b, "B_PAD": b_pad, "T": b * (b + 1) // 2, "BLOCKS": blocks}, warps)
+        out.append(("block_update", f"b={b} blocks={blocks} warps={warps}", r))
+    for b, n_out in (() if quick else ((9, 512), (16, 1000), (32, 256), (64, 256))):
+        t = b * (b + 1) // 2
+        c = fs.default_linear_config(n_out, t)
+        r = resources(fs._linear_fisher_ema_kernel, LINEAR_SIG,
+                      {"B": b, "T": t, "BLOCK_O": c.block_o, "BLOCK_M": c.block_k, "BLOCK_T": c.block_t,
+                       "SINGLE_T": t <= c.block_t}, c.num_warps, c.num_stages)
+        out.append(("linear_stats", f"b={b} out={n_out} {c}", r))
+    for b, og, n_l in (((9, 64, 1024),) if quick else ((1, 256, 64), (9, 64, 1024), (9, 512, 16), (27, 64, 512),
+                                                        (49, 64, 256))):
+        t = b * (b + 1) // 2
+        c = fs.default_conv_config(og, n_l, t)
+        r = resources(fs._conv_fisher_ema_kernel, CONV_SIG,
+                      {"T": t, "BLOCK_O": c.block_o, "BLOCK_L": c.block_k, "BLOCK_T": c.block_t,
+                       "SINGLE_T": t <= c.block_t}, c.num_warps, c.num_stages)
+        out.append(("conv_stats", f"b={b} out/group={og} positions={n_l} {c}", r))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="two configurations only (CI smoke)")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    print(f"triton {triton.__version__}, target sm_{ARCH}; compiler report, not a timing")
+    print("| kernel | configuration | registers | spill stack bytes |\n|---|---|---|---|")
+    for kernel, cfg, r in rows(args.quick):
+        print(f"| {kernel} | {cfg} | {r['registers']} | {r['stack']} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
