@@ -10,6 +10,7 @@ False, in eval mode, or under ``torch.no_grad()``; :meth:`Capture.clear` drops e
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -34,10 +35,19 @@ class Capture:
     def __init__(self, model: nn.Module, params: list[torch.Tensor] | None = None) -> None:
         self.capturing = True
         self.records: dict[nn.Module, list[Record]] = {}
-        wanted = None if params is None else {id(p) for p in params}
         # id(parameter) -> (parameter, module); the parameter is kept so that its id cannot be reused
         self._owner: dict[int, tuple[torch.Tensor, nn.Module]] = {}
+        self._hooked: set[int] = set()
         self._handles = []
+        self._model = weakref.ref(model)
+        self.watch(params)
+
+    def watch(self, params: list[torch.Tensor] | None = None) -> None:
+        """Hook the supported layers whose ``weight`` or ``bias`` is in ``params`` (default: all layers)."""
+        model = self._model()
+        if model is None:
+            return
+        wanted = None if params is None else {id(p) for p in params}
         for module in model.modules():
             if not isinstance(module, CONV_TYPES + LINEAR_TYPES):
                 continue
@@ -47,7 +57,9 @@ class Capture:
                 continue
             for p in mine:
                 self._owner.setdefault(id(p), (p, module))
-            self._handles.append(module.register_forward_hook(self._forward_hook))
+            if id(module) not in self._hooked:
+                self._hooked.add(id(module))
+                self._handles.append(module.register_forward_hook(self._forward_hook))
 
     def module_of(self, param: torch.Tensor) -> nn.Module | None:
         entry = self._owner.get(id(param))
@@ -80,8 +92,19 @@ class Capture:
     def clear(self) -> None:
         self.records.clear()
 
+    def drop_completed(self) -> None:
+        """Forget the records whose backward pass has run; keep those still waiting for it (a forward
+        followed by ``zero_grad()`` and then ``backward()`` is a common loop order)."""
+        for module in list(self.records):
+            pending = [r for r in self.records[module] if r.grad_output is None]
+            if pending:
+                self.records[module] = pending
+            else:
+                del self.records[module]
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._hooked.clear()
         self.records.clear()

@@ -129,6 +129,8 @@ class MBF(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         _check_group(self.param_groups[-1])
+        if hasattr(self, "_capture"):  # a group added after construction: hook its layers too
+            self._capture.watch(self.param_groups[-1]["params"])
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -186,10 +188,11 @@ class MBF(Optimizer):
         return layout_for(param, self._capture.module_of(param), group["block_size"])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """As torch.optim's, and drops captured layer inputs/gradients no ``step()`` consumed (e.g. a step
-        skipped by the caller)."""
+        """As torch.optim's, and drops the captured inputs/output gradients of backward passes that no
+        ``step()`` consumed (e.g. a step skipped by the caller); records still waiting for their backward
+        pass are kept."""
         super().zero_grad(set_to_none=set_to_none)
-        self._capture.clear()
+        self._capture.drop_completed()
 
     def remove_hooks(self) -> None:
         """Detach the optimizer's hooks from the model (it can no longer compute statistics)."""

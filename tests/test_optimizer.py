@@ -351,3 +351,33 @@ def test_dispatch_rules():
         assert get_backend("auto", cuda, torch.bfloat16).name == "triton"
         with pytest.raises(ValueError, match="float64"):
             get_backend("triton", cuda, torch.float64)
+
+
+def test_zero_grad_between_forward_and_backward_keeps_the_statistics():
+    """The common loop order forward -> zero_grad -> backward -> step gives the same F as the usual one."""
+    def run(zero_grad_after_forward: bool):
+        model = small_cnn()
+        opt = MBF(model, lr=0.05, backend="torch")
+        x, y = data()
+        if not zero_grad_after_forward:
+            opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        if zero_grad_after_forward:
+            opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return [opt.state[p]["F"] for p in model.parameters()]
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)
+
+
+def test_param_group_added_later_gets_mini_blocks_and_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = MBF(model, list(model[0].parameters()), block_size=2, backend="torch")
+    opt.add_param_group({"params": list(model[2].parameters())})
+    assert opt.layout(model[2].weight).kind == "linear"
+    nn.functional.mse_loss(model(torch.randn(6, 4)), torch.randn(6, 2)).backward()
+    opt.step()
+    assert opt.state[model[2].weight]["F"].shape == (4, 3) and opt.state[model[2].weight]["stat_steps"] == 1
