@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["MAX_BLOCK_SIZE", "damped_block_update_", "default_launch_config"]
+__all__ = ["MAX_BLOCK_SIZE", "damped_block_update_", "default_launch_config", "grouped_block_update_"]
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_BLOCK_SIZE = 64  # the register tile holds B_PAD^2 floats per block; larger b use the torch path
@@ -62,17 +62,14 @@ def _scalar_block_update_kernel(
     tl.atomic_add(count_ptr, n_fallback, mask=n_fallback > 0)  # no atomic traffic in the common case
 
 
-@triton.jit(do_not_specialize=_RUNTIME_SCALARS)
-def _damped_block_update_kernel(
-    f_ptr, g_ptr, p_ptr, m_ptr, count_ptr,
-    n_blocks, n_chunks, cols,
+@triton.jit
+def _solve_and_update(
+    f_ptr, g_ptr, p_ptr, m_ptr, blk, valid, n_chunks, cols,
     damping, lr, momentum, weight_decay,
     B: tl.constexpr, B_PAD: tl.constexpr, T: tl.constexpr, BLOCKS: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    blk = pid * BLOCKS + tl.arange(0, BLOCKS)  # (BLOCKS,) int64
-    valid = blk < n_blocks
-
+    """The fused solve + update of mini-blocks ``blk`` (int64, (BLOCKS,)) of one parameter; returns how
+    many of them fell back to the diagonal."""
     # --- the damped symmetric blocks, unpacked from the packed lower triangle -------------------------
     ii = tl.arange(0, B_PAD)[None, :, None]  # row index of the 3-D tile
     jj = tl.arange(0, B_PAD)[None, None, :]  # column index of the 3-D tile
@@ -124,8 +121,51 @@ def _damped_block_update_kernel(
     p = p * (1.0 - lr * weight_decay) - lr * m
     tl.store(m_ptr + vec_off, m, mask=vec_mask)
     tl.store(p_ptr + vec_off, p.to(p_ptr.dtype.element_ty), mask=vec_mask)
-    n_fallback = tl.sum((valid & ~ok).to(tl.int32), axis=0)
+    return tl.sum((valid & ~ok).to(tl.int32), axis=0)
+
+
+
+
+@triton.jit(do_not_specialize=_RUNTIME_SCALARS)
+def _damped_block_update_kernel(
+    f_ptr, g_ptr, p_ptr, m_ptr, count_ptr,
+    n_blocks, n_chunks, cols,
+    damping, lr, momentum, weight_decay,
+    B: tl.constexpr, B_PAD: tl.constexpr, T: tl.constexpr, BLOCKS: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    blk = pid * BLOCKS + tl.arange(0, BLOCKS)  # (BLOCKS,) int64
+    n_fallback = _solve_and_update(
+        f_ptr, g_ptr, p_ptr, m_ptr, blk, blk < n_blocks, n_chunks, cols, damping, lr, momentum, weight_decay,
+        B, B_PAD, T, BLOCKS,
+    )
     tl.atomic_add(count_ptr, n_fallback, mask=n_fallback > 0)  # no atomic traffic in the common case
+
+
+@triton.jit(do_not_specialize=_RUNTIME_SCALARS)
+def _grouped_block_update_kernel(
+    table_ptr, work_ptr, proto_ptr, count_ptr,
+    damping, lr, momentum, weight_decay,
+    B: tl.constexpr, B_PAD: tl.constexpr, T: tl.constexpr, BLOCKS: tl.constexpr,
+):
+    # Many parameters with the same b in one launch (as torch's foreach optimizers do): program ``pid``
+    # takes BLOCKS mini-blocks of parameter ``work[pid, 0]`` from block ``work[pid, 1]`` on. Row ``t`` of
+    # the table holds the addresses of F, grad, param, momentum and n_blocks, n_chunks, cols of parameter t.
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(work_ptr + 2 * pid)
+    first = tl.load(work_ptr + 2 * pid + 1)
+    row = table_ptr + 7 * t
+    f_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
+    g_ptr = tl.load(row + 1).to(proto_ptr.dtype)
+    p_ptr = tl.load(row + 2).to(proto_ptr.dtype)
+    m_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+    n_blocks = tl.load(row + 4)
+    blk = first + tl.arange(0, BLOCKS)
+    n_fallback = _solve_and_update(
+        f_ptr, g_ptr, p_ptr, m_ptr, blk, blk < n_blocks, tl.load(row + 5), tl.load(row + 6),
+        damping, lr, momentum, weight_decay, B, B_PAD, T, BLOCKS,
+    )
+    tl.atomic_add(count_ptr, n_fallback, mask=n_fallback > 0)
 
 
 def default_launch_config(b: int) -> tuple[int, int]:
@@ -148,33 +188,8 @@ def _check_pow2(name: str, value: int) -> None:
         raise ValueError(f"{name}={value!r} must be a positive power of two")
 
 
-def damped_block_update_(
-    f: torch.Tensor,
-    grad: torch.Tensor,
-    param: torch.Tensor,
-    momentum_buffer: torch.Tensor,
-    fallback_count: torch.Tensor,
-    *,
-    b: int,
-    damping: float,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    blocks_per_program: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
-):
-    """Damped mini-block Cholesky solve fused with the momentum / weight-decay update, in place.
-
-    ``f``: packed running Fisher ``(n_blocks, b*(b+1)//2)`` fp32 (read only); ``grad``, ``param``:
-    ``(rows, cols)`` of the parameter's dtype (fp32, bf16 or fp16); ``momentum_buffer``: ``(rows, cols)``
-    fp32; ``fallback_count``: int32 ``(1,)``, incremented by the number of blocks that took the diagonal
-    fallback. ``param`` and ``momentum_buffer`` are updated in place; no host synchronisation.
-
-    ``blocks_per_program``, ``num_warps``, ``num_stages``: launch configuration (default:
-    :func:`default_launch_config`, Triton's default stages). Returns the compiled kernel that ran (None
-    under the interpreter or when there is nothing to do), so a tuner can read its register metadata.
-    """
+def _check_inputs(f, grad, param, momentum_buffer, fallback_count, b):
+    """Validate one parameter's tensors; returns ``(rows, cols, n_chunks, n_blocks, T)``."""
     if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= _MAX_B:
         raise ValueError(f"b={b!r} must be an int in [1, {_MAX_B}]")
     for name, x in (("f", f), ("grad", grad), ("param", param), ("momentum_buffer", momentum_buffer),
@@ -212,6 +227,10 @@ def damped_block_update_(
     if fallback_count.dtype != torch.int32 or tuple(fallback_count.shape) != (1,):
         raise TypeError(f"fallback_count must be an int32 tensor of shape (1,), got "
                         f"{fallback_count.dtype} {tuple(fallback_count.shape)}")
+    return rows, cols, n_chunks, n_blocks, t
+
+
+def _launch_options(b, blocks_per_program, num_warps, num_stages):
     default_blocks, default_warps = default_launch_config(b)
     blocks = default_blocks if blocks_per_program is None else blocks_per_program
     warps = default_warps if num_warps is None else num_warps
@@ -222,6 +241,38 @@ def damped_block_update_(
         if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
             raise ValueError(f"num_stages={num_stages!r} must be an int >= 1")
         launch["num_stages"] = num_stages
+    return blocks, launch
+
+
+def damped_block_update_(
+    f: torch.Tensor,
+    grad: torch.Tensor,
+    param: torch.Tensor,
+    momentum_buffer: torch.Tensor,
+    fallback_count: torch.Tensor,
+    *,
+    b: int,
+    damping: float,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    blocks_per_program: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+):
+    """Damped mini-block Cholesky solve fused with the momentum / weight-decay update, in place.
+
+    ``f``: packed running Fisher ``(n_blocks, b*(b+1)//2)`` fp32 (read only); ``grad``, ``param``:
+    ``(rows, cols)`` of the parameter's dtype (fp32, bf16 or fp16); ``momentum_buffer``: ``(rows, cols)``
+    fp32; ``fallback_count``: int32 ``(1,)``, incremented by the number of blocks that took the diagonal
+    fallback. ``param`` and ``momentum_buffer`` are updated in place; no host synchronisation.
+
+    ``blocks_per_program``, ``num_warps``, ``num_stages``: launch configuration (default:
+    :func:`default_launch_config`, Triton's default stages). Returns the compiled kernel that ran (None
+    under the interpreter or when there is nothing to do), so a tuner can read its register metadata.
+    """
+    rows, cols, n_chunks, n_blocks, t = _check_inputs(f, grad, param, momentum_buffer, fallback_count, b)
+    blocks, launch = _launch_options(b, blocks_per_program, num_warps, num_stages)
     if n_blocks == 0:
         return None
     # Plain Python floats: an int here would change the kernel signature and force a recompilation.
@@ -234,4 +285,69 @@ def damped_block_update_(
     return _damped_block_update_kernel[grid](
         f, grad, param, momentum_buffer, fallback_count, n_blocks, n_chunks, cols, *scalars,
         B=b, B_PAD=triton.next_power_of_2(b), T=t, BLOCKS=blocks, **launch,
+    )
+
+
+_WORK_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _work_list(n_blocks: tuple[int, ...], blocks: int, device: torch.device) -> torch.Tensor:
+    """``(programs, 2)`` int64: (parameter, first mini-block) of every program; cached per shape set."""
+    key = (n_blocks, blocks, str(device))
+    work = _WORK_CACHE.get(key)
+    if work is None:
+        counts = torch.tensor([-(-n // blocks) for n in n_blocks], dtype=torch.int64)
+        param = torch.repeat_interleave(torch.arange(len(n_blocks)), counts)
+        starts = torch.cumsum(counts, 0) - counts
+        first = (torch.arange(int(counts.sum())) - starts[param]) * blocks
+        work = torch.stack([param, first], dim=1).contiguous().to(device)
+        if len(_WORK_CACHE) > 256:
+            _WORK_CACHE.clear()
+        _WORK_CACHE[key] = work
+    return work
+
+
+def grouped_block_update_(
+    fs: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    params: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor],
+    fallback_count: torch.Tensor,
+    *,
+    b: int,
+    damping: float,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    blocks_per_program: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+):
+    """:func:`damped_block_update_` for many parameters of one block size and dtype in a single launch.
+
+    The lists hold, per parameter, the same tensors :func:`damped_block_update_` takes (all on one device,
+    all parameters of one dtype). A table of their addresses and a cached work list (parameter, first
+    mini-block) per program let one grid cover all of them.
+    """
+    if not (len(fs) == len(grads) == len(params) == len(momentum_buffers)):
+        raise ValueError("fs, grads, params and momentum_buffers must have the same length")
+    if not params:
+        return None
+    rows, n_blocks = [], []
+    for f, g, p, m in zip(fs, grads, params, momentum_buffers):
+        _, cols, n_chunks, nb, t = _check_inputs(f, g, p, m, fallback_count, b)
+        if p.dtype != params[0].dtype or p.device != params[0].device:
+            raise ValueError("all parameters of a group must share dtype and device")
+        rows.append([f.data_ptr(), g.data_ptr(), p.data_ptr(), m.data_ptr(), nb, n_chunks, cols])
+        n_blocks.append(nb)
+    blocks, launch = _launch_options(b, blocks_per_program, num_warps, num_stages)
+    if sum(n_blocks) == 0:
+        return None
+    device = params[0].device
+    table = torch.tensor(rows, dtype=torch.int64).to(device)
+    work = _work_list(tuple(n_blocks), blocks, device)
+    scalars = (float(damping), float(lr), float(momentum), float(weight_decay))
+    return _grouped_block_update_kernel[(work.shape[0],)](
+        table, work, params[0], fallback_count, *scalars,
+        B=b, B_PAD=triton.next_power_of_2(b), T=b * (b + 1) // 2, BLOCKS=blocks, **launch,
     )

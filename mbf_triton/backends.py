@@ -57,6 +57,24 @@ class TorchBackend:
         ref.apply_update_(param, ref.from_blocks(d, rows, cols), momentum_buffer, lr, momentum, weight_decay)
 
 
+    def block_update_group_(
+        self,
+        items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+        fallback_count: torch.Tensor,
+        *,
+        b: int,
+        damping: float,
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+    ) -> None:
+        """:meth:`block_update_` for several ``(f, grad, param, momentum_buffer)`` of one block size, dtype,
+        device and hyperparameters (the Triton backend does them in one launch)."""
+        for f, grad, param, buf in items:
+            self.block_update_(f, grad, param, buf, fallback_count, b=b, damping=damping, lr=lr,
+                               momentum=momentum, weight_decay=weight_decay)
+
+
 class TritonBackend(TorchBackend):
     """The same three operations as fused Triton kernels (``mbf_triton.kernels``).
 
@@ -101,6 +119,22 @@ class TritonBackend(TorchBackend):
         config = self.tuner.block_update_config(f, grad, param, momentum_buffer, fallback_count, **kw)
         self._block_update.damped_block_update_(
             f, grad, param, momentum_buffer, fallback_count, **kw, **config.launch_kwargs()
+        )
+
+    def block_update_group_(self, items, fallback_count, *, b, damping, lr, momentum, weight_decay):  # noqa: D102
+        # One launch for the whole group (launch latency dominates small models); a single parameter, or
+        # b beyond the register tile, goes through the per-parameter path and its tuned configuration.
+        if len(items) == 1 or b > self._block_update.MAX_BLOCK_SIZE:
+            return super().block_update_group_(items, fallback_count, b=b, damping=damping, lr=lr,
+                                               momentum=momentum, weight_decay=weight_decay)
+        kw = dict(b=b, damping=damping, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        # every program runs the same per-block code as the single-parameter kernel: the group launches
+        # with the configuration tuned for its largest member
+        largest = max(items, key=lambda item: item[0].shape[0])
+        config = self.tuner.block_update_config(*largest, fallback_count, **kw)
+        fs, grads, params, bufs = (list(t) for t in zip(*items))
+        self._block_update.grouped_block_update_(
+            fs, grads, params, bufs, fallback_count, **kw, **config.launch_kwargs()
         )
 
 

@@ -218,8 +218,13 @@ class MBF(Optimizer):
             plan = [self._prepare(group, p) for group, p in active]
             lrs = {id(g): float(g["lr"]) for g in self.param_groups}  # one read of a tensor lr per group
             self._pending_capture = False
-            for (group, p), prepared in zip(active, plan):
-                self._update_param(group, p, stat_step, lrs[id(group)], *prepared)
+            batches: dict[tuple, list] = {}
+            for (group, p), (backend, module, layout) in zip(active, plan):
+                self._statistics(group, p, stat_step, backend, module, layout)
+                key = (id(backend), p.device, p.dtype, layout.b, id(group))
+                batches.setdefault(key, [backend, group, layout.b, []])[3].append((p, layout))
+            for backend, group, b, members in batches.values():
+                self._apply(backend, group, b, lrs[id(group)], members)
             for device, step_count in self._fallback_step.items():
                 self._fallback_total[device].add_(step_count)
                 step_count.zero_()
@@ -266,32 +271,39 @@ class MBF(Optimizer):
             )
         return backend, module, layout
 
-    def _update_param(self, group: dict[str, Any], p: torch.Tensor, stat_step: bool, lr: float, backend, module,
-                      layout: Layout) -> None:
+    def _statistics(self, group: dict[str, Any], p: torch.Tensor, stat_step: bool, backend, module,
+                    layout: Layout) -> None:
+        """Fold this step's batch Fisher into ``F`` when the schedule (or a first step) asks for it."""
         state = self.state[p]
-        f = state["F"]
-        if stat_step or state["stat_steps"] == 0:
-            has_records = module is not None and bool(self._capture.complete_records(module))
-            if state["stat_steps"] == 0 and not stat_step and module is not None and not has_records:
-                # First gradient of a layer off the statistics schedule (added, unfrozen, or unused so
-                # far): no per-sample data was captured. Step with F = 0 (damping only) and capture for the
-                # next step rather than starting F from the batch gradient, which is ~N times too small.
-                self._pending_capture = True
-            else:
-                decay = group["stat_decay"] if state["stat_steps"] > 0 else 0.0
-                self._update_statistics(backend, p, module, layout, f, decay)
-                state["stat_steps"] += 1
+        if not (stat_step or state["stat_steps"] == 0):
+            return
+        has_records = module is not None and bool(self._capture.complete_records(module))
+        if state["stat_steps"] == 0 and not stat_step and module is not None and not has_records:
+            # First gradient of a layer off the statistics schedule (added, unfrozen, or unused so far): no
+            # per-sample data was captured. Step with F = 0 (damping only) and capture for the next step
+            # rather than starting F from the batch gradient, which is ~N times too small.
+            self._pending_capture = True
+            return
+        decay = group["stat_decay"] if state["stat_steps"] > 0 else 0.0
+        self._update_statistics(backend, p, module, layout, state["F"], decay)
+        state["stat_steps"] += 1
 
-        grad = p.grad.contiguous()
-        work = p.data if p.data.is_contiguous() else p.data.contiguous()
-        buf = state["momentum_buffer"]
-
-        backend.block_update_(
-            f, layout.matrix(grad), layout.matrix(work), layout.matrix(buf), self._fallback_counter(p.device)[0],
-            b=layout.b, damping=group["damping"], lr=lr, momentum=group["momentum"],
-            weight_decay=group["weight_decay"],
+    def _apply(self, backend, group: dict[str, Any], b: int, lr: float,
+               members: list[tuple[torch.Tensor, Layout]]) -> None:
+        """Damped solve, momentum, weight decay and the write for parameters sharing b, dtype and group."""
+        items, copies = [], []
+        for p, layout in members:
+            work = p.data if p.data.is_contiguous() else p.data.contiguous()
+            if work is not p.data:
+                copies.append((p, work))
+            state = self.state[p]
+            items.append((state["F"], layout.matrix(p.grad.contiguous()), layout.matrix(work),
+                          layout.matrix(state["momentum_buffer"])))
+        backend.block_update_group_(
+            items, self._fallback_counter(members[0][0].device)[0], b=b, damping=group["damping"], lr=lr,
+            momentum=group["momentum"], weight_decay=group["weight_decay"],
         )
-        if work is not p.data:
+        for p, work in copies:
             p.data.copy_(work)
 
     # ------------------------------------------------------------------ statistics

@@ -33,6 +33,11 @@ BLOCK_UPDATE_SIG = {
     "damping": "fp32", "lr": "fp32", "momentum": "fp32", "weight_decay": "fp32",
     "B": "constexpr", "B_PAD": "constexpr", "T": "constexpr", "BLOCKS": "constexpr",
 }
+GROUPED_SIG = {
+    "table_ptr": "*i64", "work_ptr": "*i64", "proto_ptr": "*bf16", "count_ptr": "*i32",
+    "damping": "fp32", "lr": "fp32", "momentum": "fp32", "weight_decay": "fp32",
+    "B": "constexpr", "B_PAD": "constexpr", "T": "constexpr", "BLOCKS": "constexpr",
+}
 LINEAR_SIG = {
     "f_ptr": _F, "new_ptr": _F, "x_ptr": _F, "g_ptr": _F, "M": "i32", "n_in": "i32", "n_out": "i32",
     "n_chunks": "i32", "scale2_over_m": "fp32", "decay": "fp32",
@@ -81,6 +86,12 @@ def rows(quick: bool) -> list[tuple[str, str, dict]]:
         r = resources(bu._damped_block_update_kernel, BLOCK_UPDATE_SIG,
                       {"B": b, "B_PAD": b_pad, "T": b * (b + 1) // 2, "BLOCKS": blocks}, warps)
         out.append(("block_update", f"b={b} blocks={blocks} warps={warps}", r))
+    for b in ((1, 9) if quick else (1, 9, 16, 32)):
+        blocks, warps = bu.default_launch_config(b)
+        b_pad = triton.next_power_of_2(b)
+        r = resources(bu._grouped_block_update_kernel, GROUPED_SIG,
+                      {"B": b, "B_PAD": b_pad, "T": b * (b + 1) // 2, "BLOCKS": blocks}, warps)
+        out.append(("grouped_block_update", f"b={b} blocks={blocks} warps={warps} bf16", r))
     for b, n_out in (() if quick else ((9, 512), (16, 1000), (32, 256), (64, 256))):
         t = b * (b + 1) // 2
         c = fs.default_linear_config(n_out, t)

@@ -222,6 +222,46 @@ def test_default_launch_config():
         assert warps in (1, 2, 4, 8, 16, 32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b", [1, 3, 9, 16])
+def test_grouped_launch_equals_reference_for_every_member(b, dtype):
+    """One launch over parameters of different shapes (tails, fewer blocks than a program) and a fallback."""
+    device = kernel_device()
+    gen = _generator(device, 100 + b)
+    shapes = [(3, 2 * b + 1), (1, b), (5, 3 * b), (2, max(1, b - 1))] if b > 1 else [(7, 1), (1, 1), (40, 1)]
+    fs, grads, params, moms, expected = [], [], [], [], []
+    hp = {"damping": 1e-2, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.01}
+    for i, (rows, cols) in enumerate(shapes):
+        f = make_fisher(rows, cols, b, device, gen)
+        if i == 0:
+            f[0] = -10.0  # an indefinite block: counted, diagonal fallback
+        grad, param, mom = make_state(rows, cols, dtype, device, gen)
+        p64, m64 = param.double(), mom.clone().double()
+        n_fb = oracle_step(f, grad, p64, m64, b=b, **hp)
+        fs.append(f), grads.append(grad), params.append(param), moms.append(mom), expected.append((p64, m64, n_fb))
+    count = torch.zeros(1, dtype=torch.int32, device=device)
+    block_update.grouped_block_update_(fs, grads, params, moms, count, b=b, blocks_per_program=2, **hp)
+    for param, mom, (p64, m64, _) in zip(params, moms, expected):
+        torch.testing.assert_close(param.double(), p64.to(param.dtype).double(), **tol(dtype))
+        torch.testing.assert_close(mom.double(), m64, **tol(torch.float32))
+    assert int(count.item()) == sum(e[2] for e in expected) >= 1
+
+
+def test_grouped_launch_validates_its_members():
+    device = kernel_device()
+    gen = _generator(device, 7)
+    f = make_fisher(2, 4, 4, device, gen)
+    grad, param, mom = make_state(2, 4, torch.float32, device, gen)
+    count = torch.zeros(1, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="same length"):
+        block_update.grouped_block_update_([f], [grad], [param, param], [mom], count, b=4, damping=1e-2, lr=0.1,
+                                           momentum=0.0, weight_decay=0.0)
+    g16, p16, _ = make_state(2, 4, torch.bfloat16, device, gen)
+    with pytest.raises(ValueError, match="dtype"):
+        block_update.grouped_block_update_([f, f], [grad, g16], [param, p16], [mom, mom.clone()], count, b=4,
+                                           damping=1e-2, lr=0.1, momentum=0.0, weight_decay=0.0)
+
+
 # --------------------------------------------------------------------------------------------------------
 # GPU only
 # --------------------------------------------------------------------------------------------------------

@@ -82,3 +82,20 @@ def test_auto_backend_picks_triton_on_cuda():
     assert HAS_CUDA and not INTERPRET
     assert get_backend("auto", torch.device("cuda")).name == "triton"
     assert get_backend("auto", torch.device("cpu")).name == "torch"
+
+
+def test_layers_sharing_a_block_size_share_one_launch(monkeypatch):
+    device = kernel_device()
+    from mbf_triton.kernels import block_update
+
+    calls = []
+    real = block_update.grouped_block_update_
+
+    def spy(fs, *args, b, **kw):
+        calls.append((b, len(fs)))
+        return real(fs, *args, b=b, **kw)
+
+    monkeypatch.setattr(block_update, "grouped_block_update_", spy)
+    run(mlp, (10, 13), "triton", device, torch.float32, 1, lr=0.05, block_size=4)
+    # three Linear weights (b=4) in one launch, three biases (b=1) in another
+    assert sorted(calls) == [(1, 3), (4, 3)]
