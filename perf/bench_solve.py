@@ -305,12 +305,7 @@ def plot(rows: list[dict[str, Any]], path: Path, env: dict[str, str]) -> Path:
     for ax in (ax1, ax2):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | {env['date']}"
-                 + (" | SMOKE (not performance)" if env["mode"] == "smoke" else ""), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, path, env)
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -277,12 +277,7 @@ def plot(rows: list[dict[str, Any]], path: Path, env: dict[str, str]) -> Path:
                             fontsize=7)
         ax.grid(True, axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | {env['date']}"
-                 + (" | SMOKE (not performance)" if env["mode"] == "smoke" else ""), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, path, env)
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -224,3 +224,15 @@ def progress(iterable: Iterable[Any], *, total: int | None = None, desc: str = "
     except ImportError:
         return iterable
     return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True)
+
+
+def save_figure(fig, path, env: dict):
+    """Title a benchmark figure with the environment (and the smoke warning), save it and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | {env['date']}"
+                 + (" | SMOKE (not performance)" if env["mode"] == "smoke" else ""), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
