@@ -188,18 +188,31 @@ def _check_pow2(name: str, value: int) -> None:
         raise ValueError(f"{name}={value!r} must be a positive power of two")
 
 
-def _check_inputs(f, grad, param, momentum_buffer, fallback_count, b):
-    """Validate one parameter's tensors; returns ``(rows, cols, n_chunks, n_blocks, T)``."""
-    if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= _MAX_B:
-        raise ValueError(f"b={b!r} must be an int in [1, {_MAX_B}]")
-    for name, x in (("f", f), ("grad", grad), ("param", param), ("momentum_buffer", momentum_buffer),
-                    ("fallback_count", fallback_count)):
+def _check_tensors(named: tuple[tuple[str, object], ...], device_index: int) -> None:
+    for name, x in named:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
-        if x.device != f.device:
-            raise ValueError(f"{name} is on {x.device} but f is on {f.device}")
+        if x.get_device() != device_index:  # an int: much cheaper than comparing torch.device objects
+            raise ValueError(f"{name} is on {x.device}, not on the device of f")
+
+
+def _check_counter(fallback_count, device_index: int) -> None:
+    _check_tensors((("fallback_count", fallback_count),), device_index)
+    if fallback_count.dtype != torch.int32 or tuple(fallback_count.shape) != (1,):
+        raise TypeError(f"fallback_count must be an int32 tensor of shape (1,), got "
+                        f"{fallback_count.dtype} {tuple(fallback_count.shape)}")
+
+
+def _check_inputs(f, grad, param, momentum_buffer, b):
+    """Validate one parameter's tensors; returns ``(rows, cols, n_chunks, n_blocks, T)``."""
+    if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= _MAX_B:
+        raise ValueError(f"b={b!r} must be an int in [1, {_MAX_B}]")
+    if not isinstance(f, torch.Tensor):
+        raise TypeError(f"f must be a torch.Tensor, got {type(f).__name__}")
+    _check_tensors((("f", f), ("grad", grad), ("param", param), ("momentum_buffer", momentum_buffer)),
+                   f.get_device())
     if grad.dim() != 2:
         raise ValueError(f"grad must be 2-D (rows, cols), got shape {tuple(grad.shape)}")
     rows, cols = grad.shape
@@ -224,9 +237,6 @@ def _check_inputs(f, grad, param, momentum_buffer, fallback_count, b):
         raise ValueError(
             f"momentum_buffer shape {tuple(momentum_buffer.shape)} must equal grad shape {tuple(grad.shape)}"
         )
-    if fallback_count.dtype != torch.int32 or tuple(fallback_count.shape) != (1,):
-        raise TypeError(f"fallback_count must be an int32 tensor of shape (1,), got "
-                        f"{fallback_count.dtype} {tuple(fallback_count.shape)}")
     return rows, cols, n_chunks, n_blocks, t
 
 
@@ -271,7 +281,8 @@ def damped_block_update_(
     :func:`default_launch_config`, Triton's default stages). Returns the compiled kernel that ran (None
     under the interpreter or when there is nothing to do), so a tuner can read its register metadata.
     """
-    rows, cols, n_chunks, n_blocks, t = _check_inputs(f, grad, param, momentum_buffer, fallback_count, b)
+    rows, cols, n_chunks, n_blocks, t = _check_inputs(f, grad, param, momentum_buffer, b)
+    _check_counter(fallback_count, f.get_device())
     blocks, launch = _launch_options(b, blocks_per_program, num_warps, num_stages)
     if n_blocks == 0:
         return None
@@ -289,6 +300,32 @@ def damped_block_update_(
 
 
 _WORK_CACHE: dict[tuple, torch.Tensor] = {}
+_TABLE_CACHE: dict[tuple, torch.Tensor] = {}
+_CACHE_LIMIT = 256
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without a host synchronisation (pinned, non-blocking copy)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _address_table(flat: list[int], device: torch.device) -> torch.Tensor:
+    """The ``(params, 7)`` int64 table of the grouped kernel on ``device``, cached by its content.
+
+    In a training loop the addresses repeat from step to step (the parameters and the optimizer state
+    never move, and the caching allocator hands the gradients the same blocks), so after the first steps
+    no copy is made at all; on a miss the copy is asynchronous.
+    """
+    key = (str(device), tuple(flat))
+    table = _TABLE_CACHE.get(key)
+    if table is None:
+        table = _to_device(torch.tensor(flat, dtype=torch.int64).view(-1, 7), device)
+        if len(_TABLE_CACHE) >= _CACHE_LIMIT:
+            _TABLE_CACHE.clear()
+        _TABLE_CACHE[key] = table
+    return table
 
 
 def _work_list(n_blocks: tuple[int, ...], blocks: int, device: torch.device) -> torch.Tensor:
@@ -300,8 +337,8 @@ def _work_list(n_blocks: tuple[int, ...], blocks: int, device: torch.device) -> 
         param = torch.repeat_interleave(torch.arange(len(n_blocks)), counts)
         starts = torch.cumsum(counts, 0) - counts
         first = (torch.arange(int(counts.sum())) - starts[param]) * blocks
-        work = torch.stack([param, first], dim=1).contiguous().to(device)
-        if len(_WORK_CACHE) > 256:
+        work = _to_device(torch.stack([param, first], dim=1).contiguous(), device)
+        if len(_WORK_CACHE) >= _CACHE_LIMIT:
             _WORK_CACHE.clear()
         _WORK_CACHE[key] = work
     return work
@@ -333,18 +370,20 @@ def grouped_block_update_(
         raise ValueError("fs, grads, params and momentum_buffers must have the same length")
     if not params:
         return None
-    rows, n_blocks = [], []
+    flat, n_blocks = [], []
+    dtype, device_index = params[0].dtype, params[0].get_device()
     for f, g, p, m in zip(fs, grads, params, momentum_buffers):
-        _, cols, n_chunks, nb, t = _check_inputs(f, g, p, m, fallback_count, b)
-        if p.dtype != params[0].dtype or p.device != params[0].device:
+        _, cols, n_chunks, nb, t = _check_inputs(f, g, p, m, b)
+        if p.dtype != dtype or p.get_device() != device_index:
             raise ValueError("all parameters of a group must share dtype and device")
-        rows.append([f.data_ptr(), g.data_ptr(), p.data_ptr(), m.data_ptr(), nb, n_chunks, cols])
+        flat += (f.data_ptr(), g.data_ptr(), p.data_ptr(), m.data_ptr(), nb, n_chunks, cols)
         n_blocks.append(nb)
+    _check_counter(fallback_count, fs[0].get_device())
     blocks, launch = _launch_options(b, blocks_per_program, num_warps, num_stages)
     if sum(n_blocks) == 0:
         return None
     device = params[0].device
-    table = torch.tensor(rows, dtype=torch.int64).to(device)
+    table = _address_table(flat, device)
     work = _work_list(tuple(n_blocks), blocks, device)
     scalars = (float(damping), float(lr), float(momentum), float(weight_decay))
     return _grouped_block_update_kernel[(work.shape[0],)](

@@ -18,6 +18,7 @@ import math
 import numbers
 import weakref
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
@@ -59,6 +60,37 @@ def _check_group(group: dict[str, Any]) -> None:
     bs = group["block_size"]
     if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
         raise ValueError(f"block_size={bs!r} must be an integer >= 1")
+
+
+@dataclass
+class _Entry:
+    """One parameter's part of a step: its group, backend, hooked module (or None) and layout."""
+
+    group: dict[str, Any]
+    param: torch.Tensor
+    backend: Any
+    module: nn.Module | None
+    layout: Layout
+    # (momentum buffer, its (rows, cols) view, the parameter's (rows, cols) view or None if not contiguous),
+    # valid while the plan's key (which holds the parameter's storage address) and the buffer stay the same
+    views: tuple | None = None
+
+
+@dataclass
+class _Batch:
+    """Parameters updated by one ``block_update_group_`` call: same backend, device, dtype, b and group."""
+
+    backend: Any
+    group: dict[str, Any]
+    b: int
+    members: list[_Entry]
+
+
+@dataclass
+class _Plan:
+    key: tuple
+    entries: list[_Entry]
+    batches: list[_Batch]
 
 
 class MBF(Optimizer):
@@ -120,6 +152,7 @@ class MBF(Optimizer):
         # the hooks hold the capture, not the optimizer: an optimizer that is dropped takes its hooks along
         self._finalizer = weakref.finalize(self, self._capture.remove)
         self._pending_capture = False  # a parameter is waiting for its first statistics
+        self._plan_cache: _Plan | None = None
         self._counters = {"step": 0, "skipped_steps": 0}
         self._fallback_total: dict[torch.device, torch.Tensor] = {}
         self._fallback_step: dict[torch.device, torch.Tensor] = {}
@@ -129,6 +162,7 @@ class MBF(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         _check_group(self.param_groups[-1])
+        self._plan_cache = None
         if hasattr(self, "_capture"):  # a group added after construction: hook its layers too
             self._capture.watch(self.param_groups[-1]["params"])
 
@@ -150,6 +184,7 @@ class MBF(Optimizer):
         saved_state = {pid: dict(s) for pid, s in state_dict["state"].items()}
         kept = {pid: {k: s.pop(k) for k in _FP32_STATE if k in s} for pid, s in saved_state.items()}
         super().load_state_dict({**state_dict, "state": saved_state})
+        self._plan_cache = None
         for group in self.param_groups:
             _check_group(group)
         ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
@@ -215,16 +250,16 @@ class MBF(Optimizer):
                 return loss
             stat_step = self._counters["step"] % self.stat_every == 0
             # everything that can fail is resolved before the first parameter changes: no partial steps
-            plan = [self._prepare(group, p) for group, p in active]
+            plan = self._plan(active)
             lrs = {id(g): float(g["lr"]) for g in self.param_groups}  # one read of a tensor lr per group
             self._pending_capture = False
-            batches: dict[tuple, list] = {}
-            for (group, p), (backend, module, layout) in zip(active, plan):
-                self._statistics(group, p, stat_step, backend, module, layout)
-                key = (id(backend), p.device, p.dtype, layout.b, id(group))
-                batches.setdefault(key, [backend, group, layout.b, []])[3].append((p, layout))
-            for backend, group, b, members in batches.values():
-                self._apply(backend, group, b, lrs[id(group)], members)
+            diag: dict[tuple, tuple[list, list]] = {}  # (device, decay) -> F and grads of 1x1-block params
+            for entry in plan.entries:
+                self._statistics(entry, stat_step, diag)
+            for (_, decay), (fs, grads) in diag.items():
+                ref.diag_fisher_ema_(fs, grads, decay)
+            for batch in plan.batches:
+                self._apply(batch, lrs[id(batch.group)])
             for device, step_count in self._fallback_step.items():
                 self._fallback_total[device].add_(step_count)
                 step_count.zero_()
@@ -251,11 +286,35 @@ class MBF(Optimizer):
             self._fallback_total[device] = torch.zeros(1, dtype=torch.int64, device=device)
         return self._fallback_step[device], self._fallback_total[device]
 
-    def _prepare(self, group: dict[str, Any], p: torch.Tensor):
-        """Backend, module and layout of ``p``, its state created or moved to ``p``'s device and checked."""
-        backend = get_backend(self.backend, p.device, p.dtype)
-        module = self._capture.module_of(p)
-        layout = layout_for(p, module, group["block_size"])
+    def _plan(self, active: list[tuple[dict[str, Any], torch.Tensor]]) -> _Plan:
+        """What a step does with each parameter, cached while the parameters with a gradient, their
+        storage, the block sizes and the backend stay the same (the per-parameter work of every step is
+        then a few dictionary reads: the optimizer's host time matters on launch-bound models)."""
+        key = (self.backend, tuple(g["block_size"] for g in self.param_groups),
+               tuple((id(p), p.data_ptr(), p.dtype, p.shape, p.stride()) for _, p in active))
+        plan = self._plan_cache
+        if plan is not None and plan.key == key:
+            for entry in plan.entries:  # state reset by the caller, or a checkpoint loaded on another device
+                state = self.state[entry.param]
+                if not state or state["F"].device != entry.param.device:
+                    self._prepare_state(entry)
+            return plan
+        entries = []
+        batches: dict[tuple, _Batch] = {}
+        for group, p in active:
+            module = self._capture.module_of(p)
+            layout = layout_for(p, module, group["block_size"])
+            entry = _Entry(group, p, get_backend(self.backend, p.device, p.dtype), module, layout)
+            self._prepare_state(entry)
+            entries.append(entry)
+            bkey = (id(entry.backend), p.device, p.dtype, layout.b, id(group))
+            batches.setdefault(bkey, _Batch(entry.backend, group, layout.b, [])).members.append(entry)
+        self._plan_cache = _Plan(key, entries, list(batches.values()))
+        return self._plan_cache
+
+    def _prepare_state(self, entry: _Entry) -> None:
+        """The state of ``entry``'s parameter, created or moved to its device, and checked."""
+        p, layout = entry.param, entry.layout
         state = self.state[p]
         if not state:
             state["F"] = torch.zeros(layout.n_blocks, layout.tri, dtype=torch.float32, device=p.device)
@@ -269,39 +328,52 @@ class MBF(Optimizer):
                 f"curvature state of shape {tuple(state['F'].shape)} does not match the parameter's mini-block "
                 f"layout {layout} (was block_size changed after the first step?)"
             )
-        return backend, module, layout
 
-    def _statistics(self, group: dict[str, Any], p: torch.Tensor, stat_step: bool, backend, module,
-                    layout: Layout) -> None:
-        """Fold this step's batch Fisher into ``F`` when the schedule (or a first step) asks for it."""
+    def _statistics(self, entry: _Entry, stat_step: bool, diag: dict[tuple, tuple[list, list]]) -> None:
+        """Fold this step's batch Fisher into ``F`` when the schedule (or a first step) asks for it.
+        Parameters of 1x1 blocks without per-sample data are collected in ``diag`` (done together)."""
+        p, module, layout = entry.param, entry.module, entry.layout
         state = self.state[p]
         if not (stat_step or state["stat_steps"] == 0):
             return
-        has_records = module is not None and bool(self._capture.complete_records(module))
-        if state["stat_steps"] == 0 and not stat_step and module is not None and not has_records:
+        records = self._capture.complete_records(module) if module is not None else []
+        if state["stat_steps"] == 0 and not stat_step and module is not None and not records:
             # First gradient of a layer off the statistics schedule (added, unfrozen, or unused so far): no
             # per-sample data was captured. Step with F = 0 (damping only) and capture for the next step
             # rather than starting F from the batch gradient, which is ~N times too small.
             self._pending_capture = True
             return
-        decay = group["stat_decay"] if state["stat_steps"] > 0 else 0.0
-        self._update_statistics(backend, p, module, layout, state["F"], decay)
+        decay = entry.group["stat_decay"] if state["stat_steps"] > 0 else 0.0
         state["stat_steps"] += 1
+        if not records and layout.b == 1:
+            fs, grads = diag.setdefault((p.device, decay), ([], []))
+            fs.append(state["F"])
+            grads.append(p.grad)
+        else:
+            self._update_statistics(entry.backend, p, module, layout, state["F"], decay, records)
 
-    def _apply(self, backend, group: dict[str, Any], b: int, lr: float,
-               members: list[tuple[torch.Tensor, Layout]]) -> None:
+    def _apply(self, batch: _Batch, lr: float) -> None:
         """Damped solve, momentum, weight decay and the write for parameters sharing b, dtype and group."""
         items, copies = [], []
-        for p, layout in members:
-            work = p.data if p.data.is_contiguous() else p.data.contiguous()
-            if work is not p.data:
-                copies.append((p, work))
+        for entry in batch.members:
+            p, layout = entry.param, entry.layout
             state = self.state[p]
-            items.append((state["F"], layout.matrix(p.grad.contiguous()), layout.matrix(work),
-                          layout.matrix(state["momentum_buffer"])))
-        backend.block_update_group_(
-            items, self._fallback_counter(members[0][0].device)[0], b=b, damping=group["damping"], lr=lr,
-            momentum=group["momentum"], weight_decay=group["weight_decay"],
+            if entry.views is None or entry.views[0] is not state["momentum_buffer"]:
+                data = p.data  # a new tensor object at every access: keep one
+                work = data if data.is_contiguous() else None
+                entry.views = (state["momentum_buffer"], layout.matrix(state["momentum_buffer"]),
+                               None if work is None else layout.matrix(work))
+            p_mat = entry.views[2]
+            if p_mat is None:  # a non-contiguous parameter is updated through a contiguous copy
+                work = p.data.contiguous()
+                copies.append((p, work))
+                p_mat = layout.matrix(work)
+            grad = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
+            items.append((state["F"], layout.matrix(grad), p_mat, entry.views[1]))
+        group = batch.group
+        batch.backend.block_update_group_(
+            items, self._fallback_counter(batch.members[0].param.device)[0], b=batch.b,
+            damping=group["damping"], lr=lr, momentum=group["momentum"], weight_decay=group["weight_decay"],
         )
         for p, work in copies:
             p.data.copy_(work)
@@ -312,9 +384,9 @@ class MBF(Optimizer):
         return float(n) if self.loss_reduction == "mean" else 1.0
 
     def _update_statistics(
-        self, backend, p: torch.Tensor, module: nn.Module | None, layout: Layout, f: torch.Tensor, decay: float
+        self, backend, p: torch.Tensor, module: nn.Module | None, layout: Layout, f: torch.Tensor, decay: float,
+        records: list[Record],
     ) -> None:
-        records = self._capture.complete_records(module) if module is not None else []
         if not records:
             # No per-sample information: the batch gradient stands in for one sample, Fhat_i = g_i g_i^T.
             g = ref.to_blocks(layout.matrix(p.grad.contiguous()).float(), layout.b)

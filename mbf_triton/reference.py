@@ -194,6 +194,24 @@ def fisher_ema_(f: torch.Tensor, fhat: torch.Tensor, decay: float) -> torch.Tens
     return f
 
 
+def diag_fisher_ema_(fs: list[torch.Tensor], grads: list[torch.Tensor], decay: float) -> None:
+    """:func:`fisher_ema_` with ``Fhat = g**2`` for many parameters of 1x1 mini-blocks at once.
+
+    The statistic of a parameter without per-sample information (biases, norm scales, ...): its batch
+    gradient stands in for one sample, ``Fhat_i = g_i^2`` (:func:`outer_fisher` of one sample). ``fs``:
+    ``(numel, 1)`` running estimates on one device, ``grads`` the matching gradients. The same numbers as
+    one :func:`fisher_ema_` per parameter, in a fixed handful of launches instead of several per parameter.
+    """
+    if not fs:
+        return
+    if len(fs) != len(grads):
+        raise ValueError("fs and grads must have the same length")
+    fhat = torch.cat([_f32(g).reshape(-1) for g in grads]).square_()
+    f = torch.cat([x.reshape(-1) for x in fs])
+    fisher_ema_(f[:, None], fhat[:, None], decay)
+    torch._foreach_copy_([x.view(-1) for x in fs], list(f.split([x.numel() for x in fs])))
+
+
 def damped_block_solve(
     f: torch.Tensor, g: torch.Tensor, damping: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,4 +257,5 @@ def apply_update_(
     if weight_decay != 0.0:
         p32.mul_(1.0 - lr * weight_decay)
     p32.add_(momentum_buffer, alpha=-lr)
-    param.copy_(p32)
+    if p32 is not param:
+        param.copy_(p32)

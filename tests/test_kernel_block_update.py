@@ -247,6 +247,33 @@ def test_grouped_launch_equals_reference_for_every_member(b, dtype):
     assert int(count.item()) == sum(e[2] for e in expected) >= 1
 
 
+def test_grouped_launch_follows_new_tensors_between_launches():
+    """The address table is cached by content: a second launch with a fresh gradient tensor (new memory, as
+    after ``zero_grad(set_to_none=True)``) and the same launch again must both read the right tensors."""
+    device = kernel_device()
+    gen = _generator(device, 11)
+    b, shapes = 4, [(3, 9), (2, 4)]
+    hp = {"b": b, "damping": 1e-2, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0}
+    fs = [make_fisher(r, c, b, device, gen) for r, c in shapes]
+    states = [make_state(r, c, torch.float32, device, gen) for r, c in shapes]
+    params = [s[1] for s in states]
+    moms = [s[2] for s in states]
+    p64s, m64s = [p.double() for p in params], [m.double() for m in moms]
+    count = torch.zeros(1, dtype=torch.int32, device=device)
+    grads: list[torch.Tensor] = []
+    for launch in range(3):
+        if launch < 2:
+            grads = [torch.randn(r, c, generator=gen, device=device) for r, c in shapes]
+        else:
+            grads = [g.clone() for g in grads]  # the same values again, in other memory
+        for f, g, p64, m64 in zip(fs, grads, p64s, m64s):
+            oracle_step(f, g, p64, m64, **hp)
+        block_update.grouped_block_update_(fs, grads, params, moms, count, **hp)
+        for param, mom, p64, m64 in zip(params, moms, p64s, m64s):
+            torch.testing.assert_close(param.double(), p64, **tol(torch.float32))
+            torch.testing.assert_close(mom.double(), m64, **tol(torch.float32))
+
+
 def test_grouped_launch_validates_its_members():
     device = kernel_device()
     gen = _generator(device, 7)

@@ -381,3 +381,96 @@ def test_param_group_added_later_gets_mini_blocks_and_statistics():
     nn.functional.mse_loss(model(torch.randn(6, 4)), torch.randn(6, 2)).backward()
     opt.step()
     assert opt.state[model[2].weight]["F"].shape == (4, 3) and opt.state[model[2].weight]["stat_steps"] == 1
+
+
+class _SelfCopies(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts ``copy_`` calls whose source and destination are the same memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.copy_.default and args[0].data_ptr() == args[1].data_ptr():
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_step_makes_no_self_copies_of_the_parameters():
+    """The update writes the parameters in place: no copy of a tensor onto its own memory (one extra
+    kernel launch and a full read+write of the parameter per tensor on a GPU)."""
+    model = small_cnn()
+    opt = MBF(model, backend="torch", stat_every=1)
+    for i in range(2):
+        x, y = data(i)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        with _SelfCopies() as spy:
+            opt.step()
+        assert spy.count == 0
+
+
+def run_steps(model, opt, steps, mutate=None, start=0):
+    for i in range(start, start + steps):
+        if mutate is not None and i == 1:
+            mutate(model)
+        x, y = data(i)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("mutate", ["new_storage", "non_contiguous", "state_reset"])
+def test_cached_step_plan_follows_changes_between_steps(mutate):
+    """The optimizer caches its per-parameter plan between steps; a parameter moved to new storage (same
+    values), made non-contiguous (same values), or a state reset by the caller must be followed."""
+    def new_storage(model):
+        model[-1].weight.data = model[-1].weight.data.clone()
+
+    def non_contiguous(model):
+        w = model[3].weight.data  # (6, 2, 3, 3)
+        model[3].weight.data = w.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)
+
+    ref_model, model = small_cnn(), small_cnn()
+    if mutate == "state_reset":  # the same as a new optimizer from step 1 on
+        ref_opt, opt = (MBF(m, lr=0.05, backend="torch", stat_every=1) for m in (ref_model, model))
+        run_steps(ref_model, ref_opt, 1)
+        ref_opt.remove_hooks()
+        run_steps(ref_model, MBF(ref_model, lr=0.05, backend="torch", stat_every=1), 2, start=1)
+        run_steps(model, opt, 3, lambda _: opt.state.clear())
+        assert all(s["stat_steps"] == 2 for s in opt.state.values())
+        for p, q in zip(ref_model.parameters(), model.parameters()):
+            assert torch.equal(p, q)
+        return
+    ref_opt = MBF(ref_model, lr=0.05, backend="torch", stat_every=2)
+    opt = MBF(model, lr=0.05, backend="torch", stat_every=2)
+    run_steps(ref_model, ref_opt, 3)
+    run_steps(model, opt, 3, {"new_storage": new_storage, "non_contiguous": non_contiguous}[mutate])
+    if mutate == "non_contiguous":
+        assert not model[3].weight.is_contiguous()
+    for p, q in zip(ref_model.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_statistics_of_all_1x1_block_parameters_are_one_batched_update(monkeypatch):
+    """Biases and norm scales without per-sample data (here: 2 BatchNorm layers, 4 parameters) take one
+    ``diag_fisher_ema_`` per statistics step, not several launches per parameter."""
+    from mbf_triton import reference
+
+    calls = []
+    real = reference.diag_fisher_ema_
+
+    def spy(fs, grads, decay):
+        calls.append((len(fs), decay))
+        real(fs, grads, decay)
+
+    monkeypatch.setattr(reference, "diag_fisher_ema_", spy)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(10))
+    model(torch.randn(2, 1, 8, 8))
+    opt = MBF(model, backend="torch", stat_every=2, stat_decay=0.5)
+    run_steps(model, opt, 3)
+    assert calls == [(4, 0.0), (4, 0.5)]  # steps 0 and 2
+    bn = model[1].weight
+    assert opt.state[bn]["stat_steps"] == 2

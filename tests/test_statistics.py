@@ -149,6 +149,24 @@ def test_parameters_outside_supported_layers_use_batch_gradient():
     assert opt.layout(model.scale).b == 1
 
 
+def test_diag_statistics_of_many_parameters_equal_one_at_a_time():
+    """``diag_fisher_ema_`` (one batched update for all 1x1-block parameters) gives the same bits as
+    ``fisher_ema_(outer_fisher)`` per parameter, for mixed dtypes, both decays, and an overflowing square."""
+    gen = torch.Generator().manual_seed(4)
+    grads = [torch.randn(7, generator=gen), torch.randn(3, 2, generator=gen).bfloat16(),
+             torch.randn(1, generator=gen).half(), torch.randn(5, generator=gen)]
+    grads[3][2] = 3e19  # its square overflows fp32: that entry keeps its old value
+    for decay in (0.0, 0.9):
+        fs = [torch.rand(g.numel(), 1, generator=gen) for g in grads]
+        expected = [f.clone() for f in fs]
+        for f, g in zip(expected, grads):
+            ref.fisher_ema_(f, ref.outer_fisher(g.reshape(1, -1, 1)), decay)
+        ref.diag_fisher_ema_(fs, grads, decay)
+        for f, e in zip(fs, expected):
+            assert torch.equal(f, e)
+        assert torch.isfinite(fs[3]).all() and fs[3][2] == expected[3][2]
+
+
 def test_gradient_accumulation_pools_samples():
     model, x, y, batch_fn, sample_fn, _ = make_case("conv2d_groups_bias")
     opt = MBF(model, lr=0.0, momentum=0.0, backend="torch")
