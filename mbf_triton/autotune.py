@@ -735,63 +735,66 @@ class Tuner:
     ) -> BlockUpdateConfig:
         """Launch config for this ``damped_block_update_`` call (trials on scratch copies of param,
         momentum and the fallback counter; ``f`` and ``grad`` are only read)."""
+        from .kernels.block_update import damped_block_update_
+
         n_blocks = int(f.shape[0])
-        key = block_update_key(b, n_blocks, param.dtype)
-        layer = ("block_update", tuple(param.shape), b, param.dtype)
+        hyper = dict(b=b, damping=damping, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return self._choose(
+            "block_update",
+            block_update_key(b, n_blocks, param.dtype),
+            ("block_update", tuple(param.shape), b, param.dtype),
+            f.device,
+            lambda: block_update_heuristic(b),
+            lambda phase, best: block_update_candidates(b, n_blocks),
+            lambda: (param.clone(), momentum_buffer.clone(), fallback_count.clone()),
+            lambda scratch, cfg: damped_block_update_(f, grad, *scratch, **hyper, **cfg.launch_kwargs()),
+        )
+
+    def _choose(
+        self,
+        kernel: str,
+        key: str,
+        layer: tuple,
+        device: torch.device,
+        heuristic: Callable[[], object],
+        phases: Callable[[int, object], list],
+        make_scratch: Callable[[], object],
+        launch: Callable[[object, object], object],
+        n_phases: int = 1,
+    ) -> object:
+        """The config of one kernel call: reused after the first step, else :meth:`select` with trial
+        launches ``launch(scratch, config)`` on ``make_scratch()`` (made once, on the first trial), so that
+        tuning never writes the caller's parameters or state."""
         reused = self._reuse(key, layer)
         if reused is not None:
             return reused
-        from .kernels.block_update import damped_block_update_
+        scratch: list[object] = []
 
-        scratch: list[torch.Tensor] = []
-
-        def run(cfg: BlockUpdateConfig) -> object:
+        def run(cfg: object) -> object:
             if not scratch:
-                scratch.extend((param.clone(), momentum_buffer.clone(), fallback_count.clone()))
-            return damped_block_update_(
-                f,
-                grad,
-                *scratch,
-                b=b,
-                damping=damping,
-                lr=lr,
-                momentum=momentum,
-                weight_decay=weight_decay,
-                **cfg.launch_kwargs(),
-            )
+                scratch.append(make_scratch())
+            return launch(scratch[0], cfg)
 
-        def phases(phase: int, best: object) -> list:
-            return block_update_candidates(b, n_blocks)
-
-        return self.select(
-            "block_update", key, layer, f.device, block_update_heuristic(b), phases, run
-        ).config
+        return self.select(kernel, key, layer, device, heuristic(), phases, run, n_phases).config
 
     def linear_stats_config(
         self, f: torch.Tensor, x: torch.Tensor, gout: torch.Tensor, *, b: int, scale: float, decay: float
     ) -> object:
         """Tile config for this ``linear_fisher_ema_`` call (trials on a scratch copy of ``f``)."""
-        m, n_in = x.shape
-        n_out = gout.shape[1]
-        key = linear_stats_key(b, int(f.shape[0]), x.dtype, m, n_out)
-        layer = ("linear_stats", tuple(x.shape), tuple(gout.shape), b, x.dtype)
-        reused = self._reuse(key, layer)
-        if reused is not None:
-            return reused
         from .kernels.fisher_stats import default_linear_config, linear_fisher_ema_
 
-        scratch: list[torch.Tensor] = []
-
-        def run(cfg: object) -> object:
-            if not scratch:
-                scratch.append(f.clone())
-            return linear_fisher_ema_(scratch[0], x, gout, b=b, scale=scale, decay=decay, config=cfg)
-
-        def phases(phase: int, best: object) -> list:
-            return linear_stats_candidates(n_out, m, b, phase=phase, best=best)
-
-        heuristic = default_linear_config(n_out, b * (b + 1) // 2)
-        return self.select("linear_stats", key, layer, f.device, heuristic, phases, run, n_phases=2).config
+        m, n_out = x.shape[0], gout.shape[1]
+        return self._choose(
+            "linear_stats",
+            linear_stats_key(b, int(f.shape[0]), x.dtype, m, n_out),
+            ("linear_stats", tuple(x.shape), tuple(gout.shape), b, x.dtype),
+            f.device,
+            lambda: default_linear_config(n_out, b * (b + 1) // 2),
+            lambda phase, best: linear_stats_candidates(n_out, m, b, phase=phase, best=best),
+            f.clone,
+            lambda fs, cfg: linear_fisher_ema_(fs, x, gout, b=b, scale=scale, decay=decay, config=cfg),
+            n_phases=2,
+        )
 
     def conv_stats_config(
         self,
@@ -804,32 +807,24 @@ class Tuner:
         decay: float,
     ) -> object:
         """Tile config for this ``conv_fisher_ema_`` call (trials on a scratch copy of ``f``)."""
+        from .kernels.fisher_stats import conv_fisher_ema_, default_conv_config
+
         d = (u.dim() - 2) // 2
         n = u.shape[0]
         b = math.prod(u.shape[2 + d :])
         n_l = math.prod(u.shape[2 : 2 + d])
         og = gout.shape[1] // max(groups, 1)
-        key = conv_stats_key(b, int(f.shape[0]), u.dtype, n, n_l, og)
-        layer = ("conv_stats", tuple(u.shape), tuple(gout.shape), groups, u.dtype)
-        reused = self._reuse(key, layer)
-        if reused is not None:
-            return reused
-        from .kernels.fisher_stats import conv_fisher_ema_, default_conv_config
-
-        scratch: list[torch.Tensor] = []
-
-        def run(cfg: object) -> object:
-            if not scratch:
-                scratch.append(f.clone())
-            return conv_fisher_ema_(
-                scratch[0], u, gout, groups=groups, scale=scale, decay=decay, config=cfg
-            )
-
-        def phases(phase: int, best: object) -> list:
-            return conv_stats_candidates(og, n_l, b, phase=phase, best=best)
-
-        heuristic = default_conv_config(og, n_l, b * (b + 1) // 2)
-        return self.select("conv_stats", key, layer, f.device, heuristic, phases, run, n_phases=2).config
+        return self._choose(
+            "conv_stats",
+            conv_stats_key(b, int(f.shape[0]), u.dtype, n, n_l, og),
+            ("conv_stats", tuple(u.shape), tuple(gout.shape), groups, u.dtype),
+            f.device,
+            lambda: default_conv_config(og, n_l, b * (b + 1) // 2),
+            lambda phase, best: conv_stats_candidates(og, n_l, b, phase=phase, best=best),
+            f.clone,
+            lambda fs, cfg: conv_fisher_ema_(fs, u, gout, groups=groups, scale=scale, decay=decay, config=cfg),
+            n_phases=2,
+        )
 
     # -- what each layer got ------------------------------------------------------------------------
     def report(self) -> list[dict[str, object]]:

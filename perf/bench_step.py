@@ -11,7 +11,9 @@ with the optimizer's default ``stat_every`` (read from its signature; one run wh
 (``fused=True`` on CUDA) and SGD with momentum 0.9.
 
 Timed: ``iter`` = zero_grad + forward + loss + backward + step; ``step`` = ``opt.step()`` alone (after an
-untimed forward/backward). Both are averaged over windows of ``W`` consecutive iterations (``W`` = the
+untimed forward/backward and a device synchronisation); ``host`` = the CPU time of the ``opt.step()``
+call (Python, launches and any synchronisation inside it): where it approaches ``step``, the optimizer is
+launch-bound, not GPU-bound. Both are averaged over windows of ``W`` consecutive iterations (``W`` = the
 default ``stat_every``, so a window holds exactly one statistics step) and the median over windows is
 reported, per iteration. CUDA events on the current stream; warm-up (Triton compilation, cuDNN
 autotuning) is excluded. Peak memory is ``torch.cuda.max_memory_allocated`` with the counter reset before
@@ -209,20 +211,26 @@ def run_one(spec: ModelSpec, ospec: OptSpec, device: torch.device, args: argpars
             for _ in range(window):
                 iteration()
             iter_windows.append(clock.stop(t0))
+        host_windows = []
         for _ in range(args.windows):
-            stamps = []
+            stamps, host = [], 0.0
             for _ in range(window):
                 fwd_bwd()
+                common.synchronize(device)  # the step starts on an idle device: its own latency is timed
                 t0 = clock.start()
+                h0 = time.perf_counter()
                 opt.step()
+                host += time.perf_counter() - h0
                 stamps.append(clock.stop(t0))
             step_windows.append(stamps)
+            host_windows.append(host * 1e3 / window)
         common.synchronize(device)
         iter_ms = statistics.median(clock.ms(s) / window for s in iter_windows)
         step_ms = statistics.median(sum(clock.ms(s) for s in w) / window for w in step_windows)
         row: dict[str, Any] = {
             "model": spec.name, "optimizer": ospec.name, "batch": spec.batch, "params": n_params,
             "window": window, "iter_ms": iter_ms, "step_ms": step_ms,
+            "step_host_ms": statistics.median(host_windows),
             "state_bytes_per_param": state_bytes(opt) / n_params,
             "peak_mem_mb": (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
                             else math.nan),
@@ -281,10 +289,11 @@ def plot(rows: list[dict[str, Any]], path: Path, env: dict[str, str]) -> Path:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    header = ["model", "optimizer", "iter ms", "step ms", "iter/Adam", "step/Adam", "peak MiB",
+    header = ["model", "optimizer", "iter ms", "step ms", "step host ms", "iter/Adam", "step/Adam", "peak MiB",
               "state B/param", "target", "notes"]
     return common.format_table(
-        [[r["model"], r["optimizer"], r["iter_ms"], r["step_ms"], r["iter_vs_adam"], r["step_vs_adam"],
+        [[r["model"], r["optimizer"], r["iter_ms"], r["step_ms"], r["step_host_ms"], r["iter_vs_adam"],
+          r["step_vs_adam"],
           r["peak_mem_mb"], r["state_bytes_per_param"], r["target"], r["notes"] or "-"] for r in rows],
         header)
 
@@ -329,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / "step.csv"
-    targets = {o.name: o.target for o in ospecs}
+    # the targets are GPU ratios: a CPU or interpreter run is not judged against them
+    targets = {o.name: o.target for o in ospecs} if device.type == "cuda" else {}
     t_start = time.perf_counter()
     bar = common.progress(jobs, total=len(jobs), desc="step bench", disable=args.no_progress)
     for spec, ospec in bar:
