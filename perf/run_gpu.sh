@@ -1,53 +1,85 @@
 #!/usr/bin/env bash
-# One command for whoever next has a GPU (offline is fine):   bash perf/run_gpu.sh
-# Installs this checkout, runs the GPU test suite in full mode, then the kernel sweep and the step
-# benchmark in full mode; everything is logged under ${OUT:-perf/out}; a short summary comes last.
-# Budget: ~9 minutes on an H100 (each stage has an internal time budget and a hard timeout).
-# Stages keep going after a failure; the exit status is non-zero if any stage failed.
+# The GPU checks of this project, for whoever next has a GPU (works offline):
+#
+#   bash perf/run_gpu.sh                 # every stage: tests solve step tune (~13 minutes on an H100)
+#   bash perf/run_gpu.sh tests solve     # ~7 minutes  } the same in two commands, for tools that cap
+#   bash perf/run_gpu.sh step tune       # ~7 minutes  } one command at 10 minutes
+#
+# Stages:
+#   tests  the whole test suite on the GPU (MBF_TEST_MODE=full, the @pytest.mark.gpu tests included)
+#   solve  perf/bench_solve.py: fused solve+update vs torch.linalg batched paths, b x block count sweep
+#   step   perf/bench_step.py: training iteration / optimizer step, MBF vs Adam(fused) and SGD
+#   tune   python -m mbf_triton tune: autotuner sweep, tuned vs heuristic timed again (issue 4's check)
+# Everything goes to ${OUT:-perf/out}: at most 8 files (summary.md, logs.tar.gz and each stage's
+# CSV / plot / markdown), so that tools which bring back only a few files get all of it. The summary
+# comes last on stdout. Stages keep going after a failure; the exit status is non-zero if one failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-perf/out}
 PY=${PYTHON:-python3}
+STAGES=("$@")
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(tests solve step tune)
+for s in "${STAGES[@]}"; do
+  case "$s" in tests|solve|step|tune) ;; *) echo "unknown stage '$s' (tests solve step tune)"; exit 2;; esac
+done
 mkdir -p "$OUT"
+LOGS=$(mktemp -d)
 unset TRITON_INTERPRET
-export MBF_TEST_MODE=full
+export MBF_TEST_MODE=full PYTHONUNBUFFERED=1
+# a fresh autotune cache: the sweep and the step benchmark tune from scratch, and nothing stale is trusted
+export MBF_TRITON_CACHE_DIR=${MBF_TRITON_CACHE_DIR:-$LOGS/autotune-cache}
 
 {
   date -u +%Y-%m-%dT%H:%M:%SZ
   git rev-parse --short HEAD 2>/dev/null || true
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "nvidia-smi unavailable"
-} 2>&1 | tee "$OUT/env.log"
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__)"
+  echo "stages: ${STAGES[*]}"
+} 2>&1 | tee "$LOGS/env.log"
 
-$PY -m pip install --no-deps --no-build-isolation -e . 2>&1 | tee "$OUT/install.log"
+$PY -m pip install --no-deps --no-build-isolation -e . >"$LOGS/install.log" 2>&1
 install_rc=$?
-if [ "$install_rc" -ne 0 ]; then echo "install failed (rc=$install_rc), see $OUT/install.log"; exit 1; fi
+if [ "$install_rc" -ne 0 ]; then
+  tail -n 20 "$LOGS/install.log"; echo "install failed (rc=$install_rc)"
+  tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . ; exit 1
+fi
 
-SECONDS=0
-timeout "${TEST_TIMEOUT:-150}" $PY -m pytest -q tests 2>&1 | tee "$OUT/tests.log"
-tests_rc=$?
-echo "tests: rc=$tests_rc in ${SECONDS}s"
+declare -A RC
+run_stage() {  # name, timeout seconds, command...
+  local name=$1 limit=$2; shift 2
+  SECONDS=0
+  timeout "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
+  RC[$name]=${PIPESTATUS[0]}
+  echo "$name: rc=${RC[$name]} in ${SECONDS}s (124 = hard timeout at ${limit}s)" | tee -a "$LOGS/stages.log"
+}
 
-SECONDS=0
-timeout "${SOLVE_TIMEOUT:-240}" $PY perf/bench_solve.py --out "$OUT" --no-progress \
-  --time-budget-s "${SOLVE_BUDGET:-180}" --rep-ms 60 --warmup-ms 15 2>&1 | tee "$OUT/bench_solve.log"
-solve_rc=$?
-echo "bench_solve: rc=$solve_rc in ${SECONDS}s"
-
-SECONDS=0
-timeout "${STEP_TIMEOUT:-170}" $PY perf/bench_step.py --out "$OUT" --no-progress \
-  --time-budget-s "${STEP_BUDGET:-130}" 2>&1 | tee "$OUT/bench_step.log"
-step_rc=$?
-echo "bench_step: rc=$step_rc in ${SECONDS}s"
+for s in "${STAGES[@]}"; do
+  case "$s" in
+    tests) # pytest-xdist, where installed, compiles the kernels of different tests in parallel
+           XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-8}")
+           run_stage tests "${TEST_TIMEOUT:-200}" $PY -m pytest -q -p no:cacheprovider $XDIST tests ;;
+    solve) run_stage solve "${SOLVE_TIMEOUT:-240}" $PY perf/bench_solve.py --out "$OUT" --no-progress \
+             --time-budget-s "${SOLVE_BUDGET:-180}" --rep-ms 60 --warmup-ms 15 ;;
+    step)  run_stage step "${STEP_TIMEOUT:-170}" $PY perf/bench_step.py --out "$OUT" --no-progress \
+             --time-budget-s "${STEP_BUDGET:-130}" ;;
+    tune)  run_stage tune "${TUNE_TIMEOUT:-230}" $PY -m mbf_triton tune --out "$OUT" --b 4 9 16 25 32 64 \
+             --blocks 100000 1000000 --time-budget-s "${TUNE_BUDGET:-170}" ;;
+  esac
+done
 
 {
   echo
   echo "================================ SUMMARY ================================"
-  echo "tests: rc=$tests_rc  ($(tail -n 1 "$OUT/tests.log"))"
-  echo "bench_solve: rc=$solve_rc   bench_step: rc=$step_rc   (124 = hard timeout)"
-  cat "$OUT/solve_summary.md" 2>/dev/null || echo "no solve summary (see $OUT/bench_solve.log)"
-  echo
-  cat "$OUT/step_summary.md" 2>/dev/null || echo "no step summary (see $OUT/bench_step.log)"
-  echo "CSV/plots: $OUT/solve.csv $OUT/solve_speedup.png $OUT/step.csv $OUT/step_time.png"
+  cat "$LOGS/env.log"
+  cat "$LOGS/stages.log"
+  [ -f "$LOGS/tests.log" ] && echo "tests: $(tail -n 1 "$LOGS/tests.log")"
+  for f in solve_summary.md step_summary.md; do [ -f "$OUT/$f" ] && { echo; cat "$OUT/$f"; }; done
+  if [ -f "$LOGS/tune.log" ]; then
+    echo; echo "## Autotune sweep (tuned vs heuristic, timed again after the sweep)"
+    sed -n '/^summary/,/^wrote/p' "$LOGS/tune.log"
+  fi
 } 2>&1 | tee "$OUT/summary.md"
 
-[ "$tests_rc" -eq 0 ] && [ "$solve_rc" -eq 0 ] && [ "$step_rc" -eq 0 ]
+case "$MBF_TRITON_CACHE_DIR" in "$LOGS"/*) ;; *) cp -r "$MBF_TRITON_CACHE_DIR" "$LOGS/autotune-cache" 2>/dev/null ;; esac
+tar -czf "$OUT/logs.tar.gz" -C "$LOGS" .
+for s in "${STAGES[@]}"; do [ "${RC[$s]:-1}" -eq 0 ] || exit 1; done

@@ -368,8 +368,34 @@ def test_cli_smoke_writes_csv_plot_and_cache(tmp_path, capsys):
     assert {"config", "ms", "gbps", "pct_copy", "best", "heuristic", "device", "triton"} <= set(rows[0])
     assert sum(r["best"] == "True" for r in rows) == 6  # one winner per (kernel, b)
     assert (out / "autotune.png").stat().st_size > 0
+    with open(out / "autotune_summary.csv") as fh:
+        summary = list(csv.DictReader(fh))
+    assert len(summary) == 6 and all(float(r["confirm_tuned_ms"]) > 0 for r in summary)
     caches = list(autotune.cache_dir().glob("autotune-*.json"))
     assert len(caches) == 1 and len(json.loads(caches[0].read_text())["entries"]) == 6
+
+
+def test_confirm_times_both_configs_again_alternating_and_takes_medians():
+    order, launched = [], []
+    times = {"heur": iter([5.0, 1.0, 3.0]), "tuned": iter([2.0, 9.0, 4.0])}
+
+    def timer(fn, config):
+        fn()
+        order.append(config)
+        return next(times[config])
+
+    heur_ms, tuned_ms = autotune.confirm(timer, launched.append, "tuned", "heur")
+    assert order == ["heur", "tuned"] * 3 and launched == order
+    assert (heur_ms, tuned_ms) == (3.0, 4.0)  # medians: here the tuned config is slower, and it says so
+
+
+def test_cli_time_budget_skips_the_shapes_left_and_says_so(tmp_path, capsys):
+    kernel_device()
+    argv = ["--smoke", "--no-cache", "--out", str(tmp_path), "--b", "3", "--blocks", "5", "6",
+            "--time-budget-s", "0"]
+    assert autotune.main(argv) == 0
+    assert "2 shape(s) not tuned: block_update b=3" in capsys.readouterr().out
+    assert (tmp_path / "autotune_summary.csv").read_text().count("\n") == 1  # the header only
 
 
 def test_cli_without_gpu_explains_and_runs_nothing(tmp_path, capsys):
