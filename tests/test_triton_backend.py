@@ -99,3 +99,43 @@ def test_layers_sharing_a_block_size_share_one_launch(monkeypatch):
     run(mlp, (10, 13), "triton", device, torch.float32, 1, lr=0.05, block_size=4)
     # three Linear weights (b=4) in one launch, three biases (b=1) in another
     assert sorted(calls) == [(1, 3), (4, 3)]
+
+
+@pytest.mark.gpu
+def test_no_recompilation_after_the_first_steps():
+    """Training with a changing learning rate (a scheduler), statistics on and off schedule: every kernel
+    is compiled in the first steps and never again (runtime scalars are not specialised)."""
+    from mbf_triton.kernels import block_update, fisher_stats
+
+    def variants() -> int:
+        total = 0
+        for mod in (block_update, fisher_stats):
+            for name in dir(mod):
+                kernel = getattr(mod, name)
+                if name.endswith("_kernel") and hasattr(kernel, "device_caches"):
+                    total += sum(len(entry[0]) for entry in kernel.device_caches.values())
+        return total
+
+    device = kernel_device()
+    torch.manual_seed(0)
+    model = convnet().to(device)
+    opt = MBF(model, lr=0.05, backend="triton", stat_every=2, weight_decay=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 / (1 + 0.37 * i))
+    gen = torch.Generator().manual_seed(2)
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            x = torch.randn(6, 3, 5, 5, generator=gen).to(device)
+            y = torch.randint(0, 3, (6,), generator=gen).to(device)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            sched.step()
+
+    steps(3)
+    torch.cuda.synchronize()
+    before = variants()
+    assert before >= 4  # conv and linear statistics, grouped/single updates
+    steps(7)
+    torch.cuda.synchronize()
+    assert variants() == before
