@@ -18,6 +18,7 @@ each mini-block (:func:`_guarded_copy_kernel`) applies the guard.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -72,11 +73,32 @@ def default_linear_config(n_out: int, t_size: int) -> FisherStatsConfig:
     )
 
 
+def conv_k_pad(b: int) -> int:
+    """Width of the conv kernel's per-sample gradient tile: ``b`` padded to a power of two >= 16."""
+    return max(16, triton.next_power_of_2(b))
+
+
 def default_conv_config(og: int, n_l: int, t_size: int) -> FisherStatsConfig:
-    """Heuristic tiles of :func:`conv_fisher_ema_`: ``og`` outputs per group, ``n_l`` output positions."""
+    """Heuristic tiles of :func:`conv_fisher_ema_`: ``og`` outputs per group, ``n_l`` output positions.
+
+    The per-sample gradients are formed again for every tile of packed entries, so the tile is as wide
+    as the register budget allows: 64 entries (one tile for 3x3 kernels) where ptxas stays at ~100-130
+    registers with no spill (sm_90, triton 3.9: gradient width 16 or 64), 32 where 64 would take ~205
+    registers (width 32: 5x5 and 3x3x3 kernels) or more (width 128).
+    """
+    b = _tri_side(t_size)
+    t_cap = {16: 64, 32: 32, 64: 64}.get(conv_k_pad(b), 32)
     return FisherStatsConfig(
-        block_o=_pow2_clamp(og, 16, 32), block_k=16, block_t=_pow2_clamp(t_size, 16, 32), num_warps=8
+        block_o=_pow2_clamp(og, 16, 32), block_k=16, block_t=_pow2_clamp(t_size, 16, t_cap), num_warps=8
     )
+
+
+def _tri_side(t_size: int) -> int:
+    """``b`` of a packed triangle of ``t_size = b*(b+1)//2`` entries."""
+    b = (math.isqrt(8 * t_size + 1) - 1) // 2
+    if b * (b + 1) // 2 != t_size:
+        raise ValueError(f"{t_size} is not a triangular number")
+    return b
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -275,9 +297,16 @@ def _conv_fisher_ema_kernel(
     N, Cg, Og, L, L2, L3, K2, K3, scale2_over_n, decay,
     su_n, su_c, su_l1, su_l2, su_l3, su_k1, su_k2, su_k3,
     sg_n, sg_o, sg_l1, sg_l2, sg_l3,
-    T: tl.constexpr,
+    B: tl.constexpr, B_PAD: tl.constexpr, T: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr, SINGLE_T: tl.constexpr,
 ):
+    # Program: input channel c of a group, BLOCK_O output channels, BLOCK_T packed triangle entries.
+    # Per sample: the per-sample gradients of the program's mini-blocks, G[o, k] = sum_l g[o, l] u[l, k]
+    # (one tl.dot per tile of positions, K padded to B_PAD), then their packed outer products
+    # G[o, row(t)] * G[o, col(t)], with the columns row(t) / col(t) picked by a tl.dot with a 0/1 selection
+    # matrix (exact: one product by 1.0 plus zeros), folded into the accumulator. Forming G once and
+    # selecting costs L*B_PAD + 2*B_PAD*BLOCK_T multiply-adds per output and sample instead of the
+    # 2*L*BLOCK_T of expanding every packed entry over the positions.
     pid_o = tl.program_id(0)  # (group, tile of output channels in the group)
     c = tl.program_id(1)  # input channel inside the group
     tt = tl.program_id(2)  # tile of packed triangle entries
@@ -293,11 +322,12 @@ def _conv_fisher_ema_kernel(
     offs_t = tt * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < T
     row, col = _tril_row_col(offs_t)
-    k23 = K2 * K3
-    k_row_off = ((row // k23).to(tl.int64) * su_k1 + ((row // K3) % K2).to(tl.int64) * su_k2
-                 + (row % K3).to(tl.int64) * su_k3)
-    k_col_off = ((col // k23).to(tl.int64) * su_k1 + ((col // K3) % K2).to(tl.int64) * su_k2
-                 + (col % K3).to(tl.int64) * su_k3)
+    offs_k = tl.arange(0, B_PAD)
+    k_mask = offs_k < B
+    k_off = ((offs_k // (K2 * K3)).to(tl.int64) * su_k1 + ((offs_k // K3) % K2).to(tl.int64) * su_k2
+             + (offs_k % K3).to(tl.int64) * su_k3)
+    sel_row = tl.where(offs_k[:, None] == row[None, :], 1.0, 0.0)  # (B_PAD, BLOCK_T)
+    sel_col = tl.where(offs_k[:, None] == col[None, :], 1.0, 0.0)
     u_c_ptr = u_ptr + cin * su_c
     g_o_off = offs_o * sg_o
     l23 = L2 * L3
@@ -306,8 +336,7 @@ def _conv_fisher_ema_kernel(
     u_n_ptr = u_c_ptr  # sample pointers advance by one stride per sample: no n * stride product
     g_n_ptr = g_ptr
     for _n in range(0, N):
-        g_row = tl.zeros((BLOCK_O, BLOCK_T), dtype=tl.float32)  # per-sample gradient at row(t)
-        g_col = tl.zeros((BLOCK_O, BLOCK_T), dtype=tl.float32)  # per-sample gradient at col(t)
+        grad = tl.zeros((BLOCK_O, B_PAD), dtype=tl.float32)  # per-sample gradients of the blocks (o, c)
         for l0 in range(0, L, BLOCK_L):
             offs_l = l0 + tl.arange(0, BLOCK_L)
             l_mask = offs_l < L
@@ -318,11 +347,11 @@ def _conv_fisher_ema_kernel(
             g_l_off = l1 * sg_l1 + l2 * sg_l2 + l3 * sg_l3
             g = tl.load(g_n_ptr + g_o_off[:, None] + g_l_off[None, :],
                         mask=o_mask[:, None] & l_mask[None, :], other=0.0).to(tl.float32)
-            umask = l_mask[:, None] & t_mask[None, :]
-            ur = tl.load(u_n_ptr + u_l_off[:, None] + k_row_off[None, :], mask=umask, other=0.0)
-            uc = tl.load(u_n_ptr + u_l_off[:, None] + k_col_off[None, :], mask=umask, other=0.0)
-            g_row = tl.dot(g, ur.to(tl.float32), g_row, input_precision="ieee")
-            g_col = tl.dot(g, uc.to(tl.float32), g_col, input_precision="ieee")
+            u = tl.load(u_n_ptr + u_l_off[:, None] + k_off[None, :],
+                        mask=l_mask[:, None] & k_mask[None, :], other=0.0)
+            grad = tl.dot(g, u.to(tl.float32), grad, input_precision="ieee")
+        g_row = tl.dot(grad, sel_row, input_precision="ieee")
+        g_col = tl.dot(grad, sel_col, input_precision="ieee")
         acc += g_row * g_col
         u_n_ptr += su_n
         g_n_ptr += sg_n
@@ -394,7 +423,7 @@ def conv_fisher_ema_(
         n, cg, og, n_l, ls[1], ls[2], ks[1], ks[2], float(scale) * float(scale) / n, float(decay),
         u.stride(0), u.stride(1), *su_l, *su_k,
         gout.stride(0), gout.stride(1), *sg_l,
-        T=t_size,
+        B=b, B_PAD=conv_k_pad(b), T=t_size,
         BLOCK_O=config.block_o, BLOCK_L=config.block_k, BLOCK_T=config.block_t, SINGLE_T=single,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -51,7 +51,8 @@ CONV_SIG = {
     "scale2_over_n": "fp32", "decay": "fp32",
     **{n: "i64" for n in ("su_n", "su_c", "su_l1", "su_l2", "su_l3", "su_k1", "su_k2", "su_k3",
                           "sg_n", "sg_o", "sg_l1", "sg_l2", "sg_l3")},
-    "T": "constexpr", "BLOCK_O": "constexpr", "BLOCK_L": "constexpr", "BLOCK_T": "constexpr", "SINGLE_T": "constexpr",
+    "B": "constexpr", "B_PAD": "constexpr", "T": "constexpr",
+    "BLOCK_O": "constexpr", "BLOCK_L": "constexpr", "BLOCK_T": "constexpr", "SINGLE_T": "constexpr",
 }
 
 
@@ -104,8 +105,8 @@ def rows(quick: bool) -> list[tuple[str, str, dict]]:
         t = b * (b + 1) // 2
         c = fs.default_conv_config(og, n_l, t)
         r = resources(fs._conv_fisher_ema_kernel, CONV_SIG,
-                      {"T": t, "BLOCK_O": c.block_o, "BLOCK_L": c.block_k, "BLOCK_T": c.block_t,
-                       "SINGLE_T": t <= c.block_t}, c.num_warps, c.num_stages)
+                      {"B": b, "B_PAD": fs.conv_k_pad(b), "T": t, "BLOCK_O": c.block_o, "BLOCK_L": c.block_k,
+                       "BLOCK_T": c.block_t, "SINGLE_T": t <= c.block_t}, c.num_warps, c.num_stages)
         out.append(("conv_stats", f"b={b} out/group={og} positions={n_l} {c}", r))
     return out
 
