@@ -304,6 +304,12 @@ _TABLE_CACHE: dict[tuple, torch.Tensor] = {}
 _CACHE_LIMIT = 256
 
 
+def _stream_key(device: torch.device) -> tuple[str, int]:
+    """Device and current stream: a cached device tensor is only read on the stream whose copy wrote it
+    (and goes back to the caching allocator on that stream)."""
+    return str(device), (torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+
+
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A small host tensor on ``device`` without a host synchronisation (pinned, non-blocking copy)."""
     if device.type != "cuda":
@@ -316,9 +322,9 @@ def _address_table(flat: list[int], device: torch.device) -> torch.Tensor:
 
     In a training loop the addresses repeat from step to step (the parameters and the optimizer state
     never move, and the caching allocator hands the gradients the same blocks), so after the first steps
-    no copy is made at all; on a miss the copy is asynchronous.
+    no copy is made at all; on a miss the copy is asynchronous. At most ``_CACHE_LIMIT`` tables are kept.
     """
-    key = (str(device), tuple(flat))
+    key = (_stream_key(device), tuple(flat))
     table = _TABLE_CACHE.get(key)
     if table is None:
         table = _to_device(torch.tensor(flat, dtype=torch.int64).view(-1, 7), device)
@@ -330,7 +336,7 @@ def _address_table(flat: list[int], device: torch.device) -> torch.Tensor:
 
 def _work_list(n_blocks: tuple[int, ...], blocks: int, device: torch.device) -> torch.Tensor:
     """``(programs, 2)`` int64: (parameter, first mini-block) of every program; cached per shape set."""
-    key = (n_blocks, blocks, str(device))
+    key = (n_blocks, blocks, _stream_key(device))
     work = _WORK_CACHE.get(key)
     if work is None:
         counts = torch.tensor([-(-n // blocks) for n in n_blocks], dtype=torch.int64)

@@ -8,7 +8,8 @@ non-finite entry keeps its old value), exactly as :func:`mbf_triton.reference.fi
   ``Fhat = scale^2 / M * (gout^2)^T @ Z`` with ``Z[m, (j, t)] = x[m, j*b+row(t)] * x[m, j*b+col(t)]``
   (:func:`mbf_triton.reference.linear_fisher`). ``Z`` only ever exists as register tiles.
 * :func:`conv_fisher_ema_`: per-kernel mini-blocks of a convolution weight with exact per-sample
-  gradients (:func:`mbf_triton.reference.conv_fisher`). Per-sample gradients only exist in registers.
+  gradients (:func:`mbf_triton.reference.conv_fisher`), read from the layer input itself (zero padding
+  masked, never materialised). Per-sample gradients only exist in registers.
 
 ``F`` is fp32 ``(n_blocks, T)``, ``T = b*(b+1)//2``, the packed lower triangle row by row. Packed
 columns are processed in tiles of ``BLOCK_T``; when one tile covers ``T`` the finite guard is applied
@@ -293,15 +294,17 @@ def linear_fisher_ema_(
 
 @triton.jit(do_not_specialize=["N", "scale2_over_n", "decay"])
 def _conv_fisher_ema_kernel(
-    f_ptr, new_ptr, u_ptr, g_ptr,
+    f_ptr, new_ptr, x_ptr, g_ptr,
     N, Cg, Og, L, L2, L3, K2, K3, scale2_over_n, decay,
-    su_n, su_c, su_l1, su_l2, su_l3, su_k1, su_k2, su_k3,
+    S1, S2, S3, st1, st2, st3, dl1, dl2, dl3, p1, p2, p3,
+    sx_n, sx_c, sx_1, sx_2, sx_3,
     sg_n, sg_o, sg_l1, sg_l2, sg_l3,
     B: tl.constexpr, B_PAD: tl.constexpr, T: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr, SINGLE_T: tl.constexpr,
 ):
     # Program: input channel c of a group, BLOCK_O output channels, BLOCK_T packed triangle entries.
     # Per sample: the per-sample gradients of the program's mini-blocks, G[o, k] = sum_l g[o, l] u[l, k]
+    # with u[l, k] the input under kernel tap k at output position l (read from x, zero padding masked)
     # (one tl.dot per tile of positions, K padded to B_PAD), then their packed outer products
     # G[o, row(t)] * G[o, col(t)], with the columns row(t) / col(t) picked by a tl.dot with a 0/1 selection
     # matrix (exact: one product by 1.0 plus zeros), folded into the accumulator. Forming G once and
@@ -324,36 +327,42 @@ def _conv_fisher_ema_kernel(
     row, col = _tril_row_col(offs_t)
     offs_k = tl.arange(0, B_PAD)
     k_mask = offs_k < B
-    k_off = ((offs_k // (K2 * K3)).to(tl.int64) * su_k1 + ((offs_k // K3) % K2).to(tl.int64) * su_k2
-             + (offs_k % K3).to(tl.int64) * su_k3)
+    # input position of output position l and kernel tap k along dim d: l_d*st_d + k_d*dl_d - p_d; taps
+    # that fall into the zero padding are masked (the padded input is never materialised)
+    k1 = offs_k // (K2 * K3)
+    k2 = (offs_k // K3) % K2
+    k3 = offs_k % K3
     sel_row = tl.where(offs_k[:, None] == row[None, :], 1.0, 0.0)  # (B_PAD, BLOCK_T)
     sel_col = tl.where(offs_k[:, None] == col[None, :], 1.0, 0.0)
-    u_c_ptr = u_ptr + cin * su_c
+    x_c_ptr = x_ptr + cin * sx_c
     g_o_off = offs_o * sg_o
     l23 = L2 * L3
 
     acc = tl.zeros((BLOCK_O, BLOCK_T), dtype=tl.float32)
-    u_n_ptr = u_c_ptr  # sample pointers advance by one stride per sample: no n * stride product
+    x_n_ptr = x_c_ptr  # sample pointers advance by one stride per sample: no n * stride product
     g_n_ptr = g_ptr
     for _n in range(0, N):
         grad = tl.zeros((BLOCK_O, B_PAD), dtype=tl.float32)  # per-sample gradients of the blocks (o, c)
         for l0 in range(0, L, BLOCK_L):
             offs_l = l0 + tl.arange(0, BLOCK_L)
             l_mask = offs_l < L
-            l1 = (offs_l // l23).to(tl.int64)
-            l2 = ((offs_l // L3) % L2).to(tl.int64)
-            l3 = (offs_l % L3).to(tl.int64)
-            u_l_off = l1 * su_l1 + l2 * su_l2 + l3 * su_l3
-            g_l_off = l1 * sg_l1 + l2 * sg_l2 + l3 * sg_l3
+            l1 = offs_l // l23
+            l2 = (offs_l // L3) % L2
+            l3 = offs_l % L3
+            g_l_off = l1.to(tl.int64) * sg_l1 + l2.to(tl.int64) * sg_l2 + l3.to(tl.int64) * sg_l3
             g = tl.load(g_n_ptr + g_o_off[:, None] + g_l_off[None, :],
                         mask=o_mask[:, None] & l_mask[None, :], other=0.0).to(tl.float32)
-            u = tl.load(u_n_ptr + u_l_off[:, None] + k_off[None, :],
-                        mask=l_mask[:, None] & k_mask[None, :], other=0.0)
+            i1 = (l1 * st1 - p1)[:, None] + (k1 * dl1)[None, :]  # (BLOCK_L, B_PAD) input positions
+            i2 = (l2 * st2 - p2)[:, None] + (k2 * dl2)[None, :]
+            i3 = (l3 * st3 - p3)[:, None] + (k3 * dl3)[None, :]
+            inside = (i1 >= 0) & (i1 < S1) & (i2 >= 0) & (i2 < S2) & (i3 >= 0) & (i3 < S3)
+            x_off = i1.to(tl.int64) * sx_1 + i2.to(tl.int64) * sx_2 + i3.to(tl.int64) * sx_3
+            u = tl.load(x_n_ptr + x_off, mask=l_mask[:, None] & k_mask[None, :] & inside, other=0.0)
             grad = tl.dot(g, u.to(tl.float32), grad, input_precision="ieee")
         g_row = tl.dot(grad, sel_row, input_precision="ieee")
         g_col = tl.dot(grad, sel_col, input_precision="ieee")
         acc += g_row * g_col
-        u_n_ptr += su_n
+        x_n_ptr += sx_n
         g_n_ptr += sg_n
 
     fhat = acc * scale2_over_n
@@ -361,56 +370,82 @@ def _conv_fisher_ema_kernel(
     _ema_guard_store(f_ptr, new_ptr, fhat, blk, offs_t, o_mask, t_mask, decay, T, SINGLE_T)
 
 
+def _int_tuple(name: str, value, d: int) -> tuple[int, ...]:
+    v = (value,) * d if isinstance(value, int) else tuple(value)
+    if len(v) != d or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+        raise ValueError(f"{name}={value!r} must be an int or {d} ints")
+    return v
+
+
 def conv_fisher_ema_(
     f: torch.Tensor,
-    u: torch.Tensor,
+    x: torch.Tensor,
     gout: torch.Tensor,
     *,
+    kernel_size: tuple[int, ...],
     groups: int,
     scale: float,
     decay: float,
+    stride: int | tuple[int, ...] = 1,
+    padding: int | tuple[tuple[int, int], ...] = 0,
+    dilation: int | tuple[int, ...] = 1,
+    padding_mode: str = "zeros",
     config: FisherStatsConfig | None = None,
 ):
-    """``F <- EMA(F, conv_fisher(u, gout, groups, scale), decay)`` in place, with the finite guard.
+    """``F <- EMA(F, conv_fisher(conv_patches(x, ...), gout, groups, scale), decay)`` in place, with the
+    finite guard.
 
-    ``u``: receptive fields ``(N, C_in, *L, *K)`` with ``d = 1..3`` spatial dims, any strides (the view
-    of :func:`mbf_triton.reference.conv_patches`); ``gout``: ``(N, C_out, *L)``, any strides; ``f``: fp32
-    ``(C_out * C_in/groups, prod(K)*(prod(K)+1)//2)`` contiguous. ``config``: tile sizes (default
-    :func:`default_conv_config`). Returns the compiled statistics kernel (None under the interpreter).
+    ``x``: the layer input ``(N, C_in, *S)`` with ``d = 1..3`` spatial dims, any strides; ``gout``: the
+    gradient w.r.t. the output ``(N, C_out, *L)``, any strides; ``f``: fp32 ``(C_out * C_in/groups,
+    prod(K)*(prod(K)+1)//2)`` contiguous. The convolution's geometry as in ``nn.Conv*d``: ``kernel_size``,
+    ``stride``, ``dilation`` (ints or ``d``-tuples), ``padding`` (an int or ``d`` pairs ``(left,
+    right)``), ``padding_mode``. Zero padding is applied by masking inside the kernel; other modes pad
+    ``x`` first. ``config``: tile sizes (default :func:`default_conv_config`). Returns the compiled
+    statistics kernel (None under the interpreter).
     """
-    _check_float("u", u, (4, 6, 8))
-    d = (u.dim() - 2) // 2
+    _check_float("x", x, (3, 4, 5))
+    d = x.dim() - 2
     _check_float("gout", gout, 2 + d)
-    n, c_in = u.shape[:2]
-    l_shape = tuple(u.shape[2 : 2 + d])
-    k_shape = tuple(u.shape[2 + d :])
+    ks = _int_tuple("kernel_size", kernel_size, d)
+    st = _int_tuple("stride", stride, d)
+    dl = _int_tuple("dilation", dilation, d)
+    pads = ((padding, padding),) * d if isinstance(padding, int) else tuple(tuple(p) for p in padding)
+    if len(pads) != d or any(len(p) != 2 or min(p) < 0 for p in pads) or min(ks + st + dl) < 1:
+        raise ValueError(f"invalid geometry: kernel_size={kernel_size}, stride={stride}, padding={padding}, "
+                         f"dilation={dilation} for {d} spatial dims")
+    if padding_mode != "zeros" and any(lo or hi for lo, hi in pads):
+        mode = {"reflect": "reflect", "replicate": "replicate", "circular": "circular"}.get(padding_mode)
+        if mode is None:
+            raise ValueError(f"padding_mode={padding_mode!r} must be 'zeros', 'reflect', 'replicate' or 'circular'")
+        x = torch.nn.functional.pad(x, [p for lr in reversed(pads) for p in lr], mode=mode)
+        pads = ((0, 0),) * d
+    n, c_in = x.shape[:2]
     c_out = gout.shape[1]
+    l_shape = tuple((x.shape[2 + i] + sum(pads[i]) - dl[i] * (ks[i] - 1) - 1) // st[i] + 1 for i in range(d))
     if gout.shape[0] != n or tuple(gout.shape[2:]) != l_shape:
-        raise ValueError(f"gout has shape {tuple(gout.shape)}, expected ({n}, C_out, *{l_shape})")
-    if gout.device != u.device:
-        raise ValueError(f"gout is on {gout.device}, u on {u.device}")
+        raise ValueError(f"gout has shape {tuple(gout.shape)}, expected ({n}, C_out, *{l_shape}) for input "
+                         f"{tuple(x.shape)} and this geometry")
+    if gout.device != x.device:
+        raise ValueError(f"gout is on {gout.device}, x on {x.device}")
     if groups < 1 or c_in % groups or c_out % groups:
         raise ValueError(f"groups={groups} must divide C_in={c_in} and C_out={c_out}")
-    if n == 0 or c_in == 0 or c_out == 0 or u.numel() == 0:
-        raise ValueError(f"empty input: u {tuple(u.shape)}, gout {tuple(gout.shape)}")
+    if n == 0 or c_in == 0 or c_out == 0 or gout.numel() == 0:
+        raise ValueError(f"empty input: x {tuple(x.shape)}, gout {tuple(gout.shape)}")
     _check_decay(decay)
     cg, og = c_in // groups, c_out // groups
-    b = 1
-    for s in k_shape:
-        b *= s
-    n_l = 1
-    for s in l_shape:
-        n_l *= s
+    b = math.prod(ks)
+    n_l = math.prod(l_shape)
     t_size = b * (b + 1) // 2
-    _check_f(f, c_out * cg, t_size, u.device)
+    _check_f(f, c_out * cg, t_size, x.device)
 
-    # normalise to 3 spatial dims: leading size-1 dims with stride 0
-    pad = 3 - d
-    ls = (1,) * pad + l_shape
-    ks = (1,) * pad + k_shape
-    su_l = (0,) * pad + tuple(u.stride(2 + i) for i in range(d))
-    su_k = (0,) * pad + tuple(u.stride(2 + d + i) for i in range(d))
-    sg_l = (0,) * pad + tuple(gout.stride(2 + i) for i in range(d))
+    # normalise to 3 spatial dims: leading dims of size 1 (one position, one tap, stride 0 in memory)
+    e = 3 - d
+    sizes = (1,) * e + tuple(x.shape[2:])
+    ls = (1,) * e + l_shape
+    ks3 = (1,) * e + ks
+    geometry = (*sizes, *((1,) * e + st), *((1,) * e + dl), *((0,) * e + tuple(p[0] for p in pads)))
+    sx = (0,) * e + tuple(x.stride(2 + i) for i in range(d))
+    sg_l = (0,) * e + tuple(gout.stride(2 + i) for i in range(d))
 
     if config is None:
         config = default_conv_config(og, n_l, t_size)
@@ -419,9 +454,10 @@ def conv_fisher_ema_(
     new = None if single else torch.empty_like(f)
     grid = (groups * triton.cdiv(og, config.block_o), cg, n_t_tiles)
     compiled = _conv_fisher_ema_kernel[grid](
-        f, f if new is None else new, u, gout,
-        n, cg, og, n_l, ls[1], ls[2], ks[1], ks[2], float(scale) * float(scale) / n, float(decay),
-        u.stride(0), u.stride(1), *su_l, *su_k,
+        f, f if new is None else new, x, gout,
+        n, cg, og, n_l, ls[1], ls[2], ks3[1], ks3[2], float(scale) * float(scale) / n, float(decay),
+        *geometry,
+        x.stride(0), x.stride(1), *sx,
         gout.stride(0), gout.stride(1), *sg_l,
         B=b, B_PAD=conv_k_pad(b), T=t_size,
         BLOCK_O=config.block_o, BLOCK_L=config.block_k, BLOCK_T=config.block_t, SINGLE_T=single,

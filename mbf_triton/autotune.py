@@ -799,30 +799,32 @@ class Tuner:
     def conv_stats_config(
         self,
         f: torch.Tensor,
-        u: torch.Tensor,
+        x: torch.Tensor,
         gout: torch.Tensor,
         *,
+        geometry: Any,
         groups: int,
         scale: float,
         decay: float,
     ) -> object:
-        """Tile config for this ``conv_fisher_ema_`` call (trials on a scratch copy of ``f``)."""
+        """Tile config for this ``conv_fisher_ema_`` call (trials on a scratch copy of ``f``);
+        ``geometry``: a :class:`mbf_triton.reference.ConvGeometry`."""
         from .kernels.fisher_stats import conv_fisher_ema_, default_conv_config
 
-        d = (u.dim() - 2) // 2
-        n = u.shape[0]
-        b = math.prod(u.shape[2 + d :])
-        n_l = math.prod(u.shape[2 : 2 + d])
+        n = x.shape[0]
+        b = math.prod(geometry.kernel_size)
+        n_l = math.prod(gout.shape[2:])
         og = gout.shape[1] // max(groups, 1)
         return self._choose(
             "conv_stats",
-            conv_stats_key(b, int(f.shape[0]), u.dtype, n, n_l, og),
-            ("conv_stats", tuple(u.shape), tuple(gout.shape), groups, u.dtype),
+            conv_stats_key(b, int(f.shape[0]), x.dtype, n, n_l, og),
+            ("conv_stats", tuple(x.shape), tuple(gout.shape), geometry, groups, x.dtype),
             f.device,
             lambda: default_conv_config(og, n_l, b * (b + 1) // 2),
             lambda phase, best: conv_stats_candidates(og, n_l, b, phase=phase, best=best),
             f.clone,
-            lambda fs, cfg: conv_fisher_ema_(fs, u, gout, groups=groups, scale=scale, decay=decay, config=cfg),
+            lambda fs, cfg: conv_fisher_ema_(fs, x, gout, **geometry.kwargs(), groups=groups, scale=scale,
+                                             decay=decay, config=cfg),
             n_phases=2,
         )
 
@@ -930,22 +932,27 @@ def _build_linear(job: _Job, dtype, device, gen, samples: int):
 
 
 def _build_conv(job: _Job, dtype, device, gen, samples: int, positions: int):
+    from .reference import ConvGeometry
+
     b = job.b
     c = max(1, math.isqrt(job.n_blocks))
     k = math.isqrt(b)
     side = max(1, math.isqrt(positions))
-    if k * k == b:
-        u = torch.randn(samples, c, side, side, k, k, generator=gen)
+    if k * k == b:  # a k x k convolution with "same" zero padding: side x side output positions
+        lo, hi = (k - 1) // 2, k // 2
+        geometry = ConvGeometry((k, k), (1, 1), ((lo, hi), (lo, hi)), (1, 1))
+        x = torch.randn(samples, c, side, side, generator=gen)
         gout = torch.randn(samples, c, side, side, generator=gen)
-    else:
-        u = torch.randn(samples, c, side * side, b, generator=gen)
+    else:  # a 1-D convolution of width b without padding: side^2 output positions
+        geometry = ConvGeometry((b,), (1,), ((0, 0),), (1,))
+        x = torch.randn(samples, c, side * side + b - 1, generator=gen)
         gout = torch.randn(samples, c, side * side, generator=gen)
-    u, gout = u.to(device=device, dtype=dtype), gout.to(device=device, dtype=dtype)
+    x, gout = x.to(device=device, dtype=dtype), gout.to(device=device, dtype=dtype)
     f = _spd_packed(c * c, b, device, gen)
-    bytes_moved = 2 * f.numel() * 4 + (u.numel() + gout.numel()) * u.element_size()
+    bytes_moved = 2 * f.numel() * 4 + (x.numel() + gout.numel()) * x.element_size()
     return (
-        (f, u, gout),
-        dict(groups=1, scale=1.0, decay=0.9),
+        (f, x, gout),
+        dict(geometry=geometry, groups=1, scale=1.0, decay=0.9),
         bytes_moved,
         c * c,
         f"N={samples} C={c} L={side}^2",
@@ -964,8 +971,11 @@ def _launcher(kernel: str, targs: tuple, kw: dict) -> Callable[[object], object]
 
     f, a, gout = targs
     f_scratch = f.clone()
-    fn = fisher_stats.linear_fisher_ema_ if kernel == "linear_stats" else fisher_stats.conv_fisher_ema_
-    return lambda cfg: fn(f_scratch, a, gout, **kw, config=cfg)
+    if kernel == "linear_stats":
+        return lambda cfg: fisher_stats.linear_fisher_ema_(f_scratch, a, gout, **kw, config=cfg)
+    kw = dict(kw)
+    geometry = kw.pop("geometry")
+    return lambda cfg: fisher_stats.conv_fisher_ema_(f_scratch, a, gout, **geometry.kwargs(), **kw, config=cfg)
 
 
 def confirm(timer: Timer, launch: Callable[[object], object], tuned: object, heuristic: object,
@@ -1133,7 +1143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if choice.config == heuristic or choice.heuristic_ms is None:
             confirmed = (choice.heuristic_ms, choice.ms)  # the same config, or no heuristic timing to confirm
         else:
-            confirmed = confirm(timer, _launcher(job.kernel, targs, kw), choice.config, heuristic)
+            try:
+                confirmed = confirm(timer, _launcher(job.kernel, targs, kw), choice.config, heuristic)
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory: report it, keep the sweep going
+                print(f"could not time {job.kernel} b={job.b} again: {type(e).__name__}: {e}"[:300])
+                confirmed = (None, None)
         shape_rows = []
         for t in choice.trials:
             gbps = None if t.ms is None else nbytes / (t.ms * 1e-3) / 1e9
@@ -1183,6 +1197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "source": choice.source,
             }
         )
+        _write_csvs(Path(args.out), rows, summary, gpu, vers, stamp)
 
     print("\nsummary" + (" (CPU smoke: meaningless timings)" if not on_gpu else ""))
     print("sweep ms: the best of the sweep; heur./tuned ms: both configs timed again after the sweep, "
@@ -1204,7 +1219,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"time budget of {args.time_budget_s:g} s spent: {len(skipped)} shape(s) not tuned: "
               + ", ".join(f"{j.kernel} b={j.b} n={j.n_blocks}" for j in skipped))
 
+    csv_path, summary_path = _write_csvs(Path(args.out), rows, summary, gpu, vers, stamp)
     out = Path(args.out)
+    png_path = out / "autotune.png"
+    _plot(summary, copy_gbps, png_path, f"{gpu} ({timer_name})")
+    print(f"\nwrote {csv_path}, {summary_path} and {png_path}")
+    if not args.no_cache and tuner._disk:
+        print("cache: " + ", ".join(str(c.path) for c, _ in tuner._disk.values()))
+    return 0
+
+
+def _write_csvs(out: Path, rows: list[dict], summary: list[dict], gpu: str, vers: dict, stamp: str):
+    """All trials (``autotune.csv``) and one line per shape (``autotune_summary.csv``); rewritten after every
+    shape, so that a sweep stopped part-way keeps what it measured."""
     out.mkdir(parents=True, exist_ok=True)
     summary_path = out / "autotune_summary.csv"
     with open(summary_path, "w", newline="") as fh:
@@ -1220,12 +1247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["kernel"])
         writer.writeheader()
         writer.writerows(rows)
-    png_path = out / "autotune.png"
-    _plot(summary, copy_gbps, png_path, f"{gpu} ({timer_name})")
-    print(f"\nwrote {csv_path}, {summary_path} and {png_path}")
-    if not args.no_cache and tuner._disk:
-        print("cache: " + ", ".join(str(c.path) for c, _ in tuner._disk.values()))
-    return 0
+    return csv_path, summary_path
 
 
 def _fmt(ms: float | None) -> str:

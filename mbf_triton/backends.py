@@ -33,9 +33,10 @@ class TorchBackend:
         ref.fisher_ema_(f, ref.linear_fisher(x, gout, b, scale), decay)
 
     def conv_fisher_ema_(
-        self, f: torch.Tensor, u: torch.Tensor, gout: torch.Tensor, *, groups: int, scale: float, decay: float
+        self, f: torch.Tensor, x: torch.Tensor, gout: torch.Tensor, *, geometry: ref.ConvGeometry, groups: int,
+        scale: float, decay: float,
     ) -> None:
-        ref.fisher_ema_(f, ref.conv_fisher(u, gout, groups, scale), decay)
+        ref.fisher_ema_(f, ref.conv_fisher(geometry.patches(x), gout, groups, scale), decay)
 
     def block_update_(
         self,
@@ -105,10 +106,11 @@ class TritonBackend(TorchBackend):
         config = self.tuner.linear_stats_config(f, x, gout, b=b, scale=scale, decay=decay)
         self._fisher_stats.linear_fisher_ema_(f, x, gout, b=b, scale=scale, decay=decay, config=config)
 
-    def conv_fisher_ema_(self, f, u, gout, *, groups, scale, decay):  # noqa: D102
-        config = self.tuner.conv_stats_config(f, u, gout, groups=groups, scale=scale, decay=decay)
+    def conv_fisher_ema_(self, f, x, gout, *, geometry, groups, scale, decay):  # noqa: D102
+        config = self.tuner.conv_stats_config(f, x, gout, geometry=geometry, groups=groups, scale=scale,
+                                              decay=decay)
         self._fisher_stats.conv_fisher_ema_(
-            f, u, gout, groups=groups, scale=scale, decay=decay, config=config
+            f, x, gout, **geometry.kwargs(), groups=groups, scale=scale, decay=decay, config=config
         )
 
     def block_update_(self, f, grad, param, momentum_buffer, fallback_count, *, b, damping, lr, momentum,

@@ -71,9 +71,8 @@ class _Entry:
     backend: Any
     module: nn.Module | None
     layout: Layout
-    # (momentum buffer, its (rows, cols) view, the parameter's (rows, cols) view or None if not contiguous),
-    # valid while the plan's key (which holds the parameter's storage address) and the buffer stay the same
-    views: tuple | None = None
+    # (momentum buffer, its (rows, cols) view): the optimizer's own tensor, valid while it is the state's
+    momentum_view: tuple | None = None
 
 
 @dataclass
@@ -253,11 +252,13 @@ class MBF(Optimizer):
             plan = self._plan(active)
             lrs = {id(g): float(g["lr"]) for g in self.param_groups}  # one read of a tensor lr per group
             self._pending_capture = False
-            diag: dict[tuple, tuple[list, list]] = {}  # (device, decay) -> F and grads of 1x1-block params
+            diag: dict[tuple, tuple[list, list, list]] = {}  # (device, decay) -> F, grad, state of 1x1 params
             for entry in plan.entries:
                 self._statistics(entry, stat_step, diag)
-            for (_, decay), (fs, grads) in diag.items():
+            for (_, decay), (fs, grads, states) in diag.items():
                 ref.diag_fisher_ema_(fs, grads, decay)
+                for state in states:
+                    state["stat_steps"] += 1
             for batch in plan.batches:
                 self._apply(batch, lrs[id(batch.group)])
             for device, step_count in self._fallback_step.items():
@@ -290,13 +291,14 @@ class MBF(Optimizer):
         """What a step does with each parameter, cached while the parameters with a gradient, their
         storage, the block sizes and the backend stay the same (the per-parameter work of every step is
         then a few dictionary reads: the optimizer's host time matters on launch-bound models)."""
+        # the groups are held by the plan, so their ids in the key cannot be reused while it lives
         key = (self.backend, tuple(g["block_size"] for g in self.param_groups),
-               tuple((id(p), p.data_ptr(), p.dtype, p.shape, p.stride()) for _, p in active))
+               tuple((id(g), id(p), p.data_ptr(), p.dtype, p.shape, p.stride()) for g, p in active))
         plan = self._plan_cache
         if plan is not None and plan.key == key:
             for entry in plan.entries:  # state reset by the caller, or a checkpoint loaded on another device
-                state = self.state[entry.param]
-                if not state or state["F"].device != entry.param.device:
+                state, device = self.state[entry.param], entry.param.device
+                if not state or state["F"].device != device or state["momentum_buffer"].device != device:
                     self._prepare_state(entry)
             return plan
         entries = []
@@ -329,7 +331,7 @@ class MBF(Optimizer):
                 f"layout {layout} (was block_size changed after the first step?)"
             )
 
-    def _statistics(self, entry: _Entry, stat_step: bool, diag: dict[tuple, tuple[list, list]]) -> None:
+    def _statistics(self, entry: _Entry, stat_step: bool, diag: dict[tuple, tuple[list, list, list]]) -> None:
         """Fold this step's batch Fisher into ``F`` when the schedule (or a first step) asks for it.
         Parameters of 1x1 blocks without per-sample data are collected in ``diag`` (done together)."""
         p, module, layout = entry.param, entry.module, entry.layout
@@ -344,13 +346,14 @@ class MBF(Optimizer):
             self._pending_capture = True
             return
         decay = entry.group["stat_decay"] if state["stat_steps"] > 0 else 0.0
-        state["stat_steps"] += 1
-        if not records and layout.b == 1:
-            fs, grads = diag.setdefault((p.device, decay), ([], []))
+        if not records and layout.b == 1:  # stat_steps is counted once the batched update has run
+            fs, grads, states = diag.setdefault((p.device, decay), ([], [], []))
             fs.append(state["F"])
             grads.append(p.grad)
+            states.append(state)
         else:
             self._update_statistics(entry.backend, p, module, layout, state["F"], decay, records)
+            state["stat_steps"] += 1
 
     def _apply(self, batch: _Batch, lr: float) -> None:
         """Damped solve, momentum, weight decay and the write for parameters sharing b, dtype and group."""
@@ -358,18 +361,15 @@ class MBF(Optimizer):
         for entry in batch.members:
             p, layout = entry.param, entry.layout
             state = self.state[p]
-            if entry.views is None or entry.views[0] is not state["momentum_buffer"]:
-                data = p.data  # a new tensor object at every access: keep one
-                work = data if data.is_contiguous() else None
-                entry.views = (state["momentum_buffer"], layout.matrix(state["momentum_buffer"]),
-                               None if work is None else layout.matrix(work))
-            p_mat = entry.views[2]
-            if p_mat is None:  # a non-contiguous parameter is updated through a contiguous copy
-                work = p.data.contiguous()
-                copies.append((p, work))
-                p_mat = layout.matrix(work)
+            buf = state["momentum_buffer"]
+            if entry.momentum_view is None or entry.momentum_view[0] is not buf:
+                entry.momentum_view = (buf, layout.matrix(buf))
+            data = p.data  # a new tensor object at every access: read it once
+            if not data.is_contiguous():  # updated through a contiguous copy, written back below
+                data = data.contiguous()
+                copies.append((p, data))
             grad = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
-            items.append((state["F"], layout.matrix(grad), p_mat, entry.views[1]))
+            items.append((state["F"], layout.matrix(grad), layout.matrix(data), entry.momentum_view[1]))
         group = batch.group
         batch.backend.block_update_group_(
             items, self._fallback_counter(batch.members[0].param.device)[0], b=batch.b,
@@ -419,8 +419,8 @@ class MBF(Optimizer):
             return
         x, gout, scale = self._pool(xs, gs)
         if p is module.weight:
-            u = _conv_patches(module, x)
-            backend.conv_fisher_ema_(f, u, gout, groups=module.groups, scale=scale, decay=decay)
+            backend.conv_fisher_ema_(f, x, gout, geometry=_conv_geometry(module), groups=module.groups,
+                                     scale=scale, decay=decay)
         else:
             ref.fisher_ema_(f, self._conv_fhat(p, module, x, gout, scale), decay)
 
@@ -428,7 +428,7 @@ class MBF(Optimizer):
     def _conv_fhat(p, module, x, gout, scale: float) -> torch.Tensor:
         """Reference batch Fisher of a conv weight or bias (rare paths: bias, mixed spatial sizes)."""
         if p is module.weight:
-            return ref.conv_fisher(_conv_patches(module, x), gout, module.groups, scale)
+            return ref.conv_fisher(_conv_geometry(module).patches(x), gout, module.groups, scale)
         per_sample = gout.float().flatten(2).sum(dim=2).mul_(scale)  # (N, C_out)
         return per_sample.square().mean(dim=0)[:, None]
 
@@ -450,7 +450,6 @@ def _conv_padding(module: nn.Module) -> tuple[tuple[int, int], ...]:
     return tuple((pi, pi) for pi in module.padding)
 
 
-def _conv_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return ref.conv_patches(
-        x, module.kernel_size, module.stride, _conv_padding(module), module.dilation, module.padding_mode
-    )
+def _conv_geometry(module: nn.Module) -> ref.ConvGeometry:
+    return ref.ConvGeometry(tuple(module.kernel_size), tuple(module.stride), _conv_padding(module),
+                            tuple(module.dilation), module.padding_mode)

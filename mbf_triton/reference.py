@@ -18,6 +18,7 @@ Storage conventions shared with the Triton kernels (``kernels/``):
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as tnf
@@ -32,6 +33,7 @@ __all__ = [
     "from_blocks",
     "linear_fisher",
     "outer_fisher",
+    "ConvGeometry",
     "conv_patches",
     "conv_fisher",
     "fisher_ema_",
@@ -133,6 +135,26 @@ def outer_fisher(g: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nkt,nkt->kt", g[:, :, rows], g[:, :, cols]).div_(n)
 
 
+@dataclass(frozen=True)
+class ConvGeometry:
+    """How a convolution reads its input, as in ``nn.Conv*d`` (``padding``: ``(left, right)`` per dim)."""
+
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]
+    dilation: tuple[int, ...]
+    padding_mode: str = "zeros"
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """:func:`conv_patches` of ``x`` under this geometry."""
+        return conv_patches(x, self.kernel_size, self.stride, self.padding, self.dilation, self.padding_mode)
+
+    def kwargs(self) -> dict[str, object]:
+        """The keyword arguments of ``mbf_triton.kernels.fisher_stats.conv_fisher_ema_``."""
+        return {"kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding,
+                "dilation": self.dilation, "padding_mode": self.padding_mode}
+
+
 def conv_patches(
     x: torch.Tensor,
     kernel_size: tuple[int, ...],
@@ -206,7 +228,7 @@ def diag_fisher_ema_(fs: list[torch.Tensor], grads: list[torch.Tensor], decay: f
         return
     if len(fs) != len(grads):
         raise ValueError("fs and grads must have the same length")
-    fhat = torch.cat([_f32(g).reshape(-1) for g in grads]).square_()
+    fhat = torch.cat([g.reshape(-1).float() for g in grads]).square_()  # fp32 like F (float64 grads too)
     f = torch.cat([x.reshape(-1) for x in fs])
     fisher_ema_(f[:, None], fhat[:, None], decay)
     torch._foreach_copy_([x.view(-1) for x in fs], list(f.split([x.numel() for x in fs])))

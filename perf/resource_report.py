@@ -46,11 +46,11 @@ LINEAR_SIG = {
     "SINGLE_T": "constexpr",
 }
 CONV_SIG = {
-    "f_ptr": _F, "new_ptr": _F, "u_ptr": _F, "g_ptr": _F,
+    "f_ptr": _F, "new_ptr": _F, "x_ptr": _F, "g_ptr": _F,
     **{n: "i32" for n in ("N", "Cg", "Og", "L", "L2", "L3", "K2", "K3")},
     "scale2_over_n": "fp32", "decay": "fp32",
-    **{n: "i64" for n in ("su_n", "su_c", "su_l1", "su_l2", "su_l3", "su_k1", "su_k2", "su_k3",
-                          "sg_n", "sg_o", "sg_l1", "sg_l2", "sg_l3")},
+    **{n: "i32" for n in ("S1", "S2", "S3", "st1", "st2", "st3", "dl1", "dl2", "dl3", "p1", "p2", "p3")},
+    **{n: "i64" for n in ("sx_n", "sx_c", "sx_1", "sx_2", "sx_3", "sg_n", "sg_o", "sg_l1", "sg_l2", "sg_l3")},
     "B": "constexpr", "B_PAD": "constexpr", "T": "constexpr",
     "BLOCK_O": "constexpr", "BLOCK_L": "constexpr", "BLOCK_T": "constexpr", "SINGLE_T": "constexpr",
 }

@@ -10,9 +10,10 @@
 #   solve  perf/bench_solve.py: fused solve+update vs torch.linalg batched paths, b x block count sweep
 #   step   perf/bench_step.py: training iteration / optimizer step, MBF vs Adam(fused) and SGD
 #   tune   python -m mbf_triton tune: autotuner sweep, tuned vs heuristic timed again (issue 4's check)
-# Everything goes to ${OUT:-perf/out}: at most 8 files (summary.md, logs.tar.gz and each stage's
-# CSV / plot / markdown), so that tools which bring back only a few files get all of it. The summary
-# comes last on stdout. Stages keep going after a failure; the exit status is non-zero if one failed.
+# The stages write into a fresh work folder; ${OUT:-perf/out} then gets at most 8 files: summary.md,
+# results.tar.gz (every CSV, plot, summary and log), the three plots and the three main CSVs, so that
+# tools which bring back only a few files get all of it. The summary comes last on stdout. Stages keep
+# going after a failure; the exit status is non-zero if one failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-perf/out}
@@ -23,7 +24,8 @@ for s in "${STAGES[@]}"; do
   case "$s" in tests|solve|step|tune) ;; *) echo "unknown stage '$s' (tests solve step tune)"; exit 2;; esac
 done
 mkdir -p "$OUT"
-LOGS=$(mktemp -d)
+LOGS=$(mktemp -d)   # logs, autotune cache
+WORK=$(mktemp -d)   # the stages' CSVs, plots and summaries (never stale files of an earlier run)
 unset TRITON_INTERPRET
 export MBF_TEST_MODE=full PYTHONUNBUFFERED=1
 # a fresh autotune cache: the sweep and the step benchmark tune from scratch, and nothing stale is trusted
@@ -41,7 +43,7 @@ $PY -m pip install --no-deps --no-build-isolation -e . >"$LOGS/install.log" 2>&1
 install_rc=$?
 if [ "$install_rc" -ne 0 ]; then
   tail -n 20 "$LOGS/install.log"; echo "install failed (rc=$install_rc)"
-  tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . ; exit 1
+  tar -czf "$OUT/results.tar.gz" -C "$LOGS" . ; exit 1
 fi
 
 declare -A RC
@@ -58,11 +60,11 @@ for s in "${STAGES[@]}"; do
     tests) # pytest-xdist, where installed, compiles the kernels of different tests in parallel
            XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-8}")
            run_stage tests "${TEST_TIMEOUT:-200}" $PY -m pytest -q -p no:cacheprovider $XDIST tests ;;
-    solve) run_stage solve "${SOLVE_TIMEOUT:-240}" $PY perf/bench_solve.py --out "$OUT" --no-progress \
+    solve) run_stage solve "${SOLVE_TIMEOUT:-240}" $PY perf/bench_solve.py --out "$WORK" --no-progress \
              --time-budget-s "${SOLVE_BUDGET:-180}" --rep-ms 60 --warmup-ms 15 ;;
-    step)  run_stage step "${STEP_TIMEOUT:-170}" $PY perf/bench_step.py --out "$OUT" --no-progress \
+    step)  run_stage step "${STEP_TIMEOUT:-170}" $PY perf/bench_step.py --out "$WORK" --no-progress \
              --time-budget-s "${STEP_BUDGET:-130}" ;;
-    tune)  run_stage tune "${TUNE_TIMEOUT:-230}" $PY -m mbf_triton tune --out "$OUT" --b 4 9 16 25 32 64 \
+    tune)  run_stage tune "${TUNE_TIMEOUT:-230}" $PY -m mbf_triton tune --out "$WORK" --b 4 9 16 25 32 64 \
              --blocks 100000 1000000 --time-budget-s "${TUNE_BUDGET:-170}" ;;
   esac
 done
@@ -73,7 +75,7 @@ done
   cat "$LOGS/env.log"
   cat "$LOGS/stages.log"
   [ -f "$LOGS/tests.log" ] && echo "tests: $(tail -n 1 "$LOGS/tests.log")"
-  for f in solve_summary.md step_summary.md; do [ -f "$OUT/$f" ] && { echo; cat "$OUT/$f"; }; done
+  for f in solve_summary.md step_summary.md; do [ -f "$WORK/$f" ] && { echo; cat "$WORK/$f"; }; done
   if [ -f "$LOGS/tune.log" ]; then
     echo; echo "## Autotune sweep (tuned vs heuristic, timed again after the sweep)"
     sed -n '/^summary/,/^wrote/p' "$LOGS/tune.log"
@@ -81,5 +83,10 @@ done
 } 2>&1 | tee "$OUT/summary.md"
 
 case "$MBF_TRITON_CACHE_DIR" in "$LOGS"/*) ;; *) cp -r "$MBF_TRITON_CACHE_DIR" "$LOGS/autotune-cache" 2>/dev/null ;; esac
-tar -czf "$OUT/logs.tar.gz" -C "$LOGS" .
+cp "$OUT/summary.md" "$WORK/"
+mkdir -p "$WORK/logs" && cp -r "$LOGS"/. "$WORK/logs/"
+tar -czf "$OUT/results.tar.gz" -C "$WORK" .
+for f in solve_speedup.png step_time.png autotune.png solve.csv step.csv autotune_summary.csv; do
+  [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/"
+done
 for s in "${STAGES[@]}"; do [ "${RC[$s]:-1}" -eq 0 ] || exit 1; done

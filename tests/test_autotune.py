@@ -17,6 +17,7 @@ from torch import nn
 
 from mbf_triton import MBF, autotune
 from mbf_triton.autotune import AutotuneCacheWarning, BlockUpdateConfig, DiskCache, Tuner
+from mbf_triton.reference import ConvGeometry
 
 # the deliberately indefinite test block makes the interpreter's rsqrt warn; the kernel handles it
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in sqrt:RuntimeWarning")
@@ -200,15 +201,16 @@ def test_stats_tuning_does_not_mutate_state():
     linear_fisher_ema_(plain, x, gout, b=b, scale=2.0, decay=0.5)
     torch.testing.assert_close(tuned, plain, atol=1e-6, rtol=1e-6)
 
-    u = torch.randn(2, 4, 3, 3, 2, 2, generator=gen).to(device)  # (N, C_in, L1, L2, K1, K2)
+    xc = torch.randn(2, 4, 4, 4, generator=gen).to(device)  # 2x2 kernels, no padding: 3x3 outputs
+    geometry = ConvGeometry((2, 2), (1, 1), ((0, 0), (0, 0)), (1, 1))
     g = torch.randn(2, 6, 3, 3, generator=gen).to(device)
     fc = torch.rand(6 * 2, 10, generator=gen).to(device)  # groups=2: C_in/groups = 2
     fc0 = fc.clone()
-    cfg = tuner.conv_stats_config(fc, u, g, groups=2, scale=1.0, decay=0.9)
+    cfg = tuner.conv_stats_config(fc, xc, g, geometry=geometry, groups=2, scale=1.0, decay=0.9)
     assert torch.equal(fc, fc0)
     tuned, plain = fc.clone(), fc.clone()
-    conv_fisher_ema_(tuned, u, g, groups=2, scale=1.0, decay=0.9, config=cfg)
-    conv_fisher_ema_(plain, u, g, groups=2, scale=1.0, decay=0.9)
+    conv_fisher_ema_(tuned, xc, g, **geometry.kwargs(), groups=2, scale=1.0, decay=0.9, config=cfg)
+    conv_fisher_ema_(plain, xc, g, **geometry.kwargs(), groups=2, scale=1.0, decay=0.9)
     torch.testing.assert_close(tuned, plain, atol=1e-6, rtol=1e-6)
     assert {r["kernel"] for r in tuner.report()} == {"linear_stats", "conv_stats"}
 

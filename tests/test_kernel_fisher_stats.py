@@ -124,6 +124,11 @@ CONV_CASES = {
 }
 
 
+def _geometry(case) -> dict:
+    ks, stride, padding, dilation = case[:4]
+    return {"kernel_size": ks, "stride": stride, "padding": padding, "dilation": dilation}
+
+
 def _conv_inputs(case, n, dtype, device, gen, channels_last=False, c_scale=1):
     ks, stride, padding, dilation, c_in, c_out, groups, size = case
     c_in, c_out = c_in * c_scale, c_out * c_scale
@@ -147,8 +152,9 @@ def _check_conv_two_steps(case, dtype, n, config=None, channels_last=False, c_sc
     f = torch.full((n_blocks, ref.tril_size(b)), float("nan"), device=device)
     f_ref = f.clone()
     for decay in (0.0, 0.9):
-        _, u, g = _conv_inputs(case, n, dtype, device, gen, channels_last, c_scale)
-        fisher_stats.conv_fisher_ema_(f, u, g, groups=groups, scale=scale, decay=decay, config=config)
+        x, u, g = _conv_inputs(case, n, dtype, device, gen, channels_last, c_scale)
+        fisher_stats.conv_fisher_ema_(f, x, g, **_geometry(case), groups=groups, scale=scale, decay=decay,
+                                      config=config)
         ref.fisher_ema_(f_ref, ref.conv_fisher(u.double(), g.double(), groups, scale), decay)
         assert torch.isfinite(f).all()
         _assert_close(f, f_ref)
@@ -157,6 +163,21 @@ def _check_conv_two_steps(case, dtype, n, config=None, channels_last=False, c_sc
 @pytest.mark.parametrize("name", list(CONV_CASES))
 def test_conv_geometries(name):
     _check_conv_two_steps(CONV_CASES[name], torch.float32, n=3 if QUICK else 8)
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+def test_conv_padding_modes(mode):
+    """Zero padding is masked inside the kernel; the other modes pad the input first."""
+    device = kernel_device()
+    gen = torch.Generator().manual_seed(21)
+    ks, stride, padding, dilation = (3, 3), (2, 1), ((2, 1), (1, 2)), (1, 2)
+    x = torch.randn(3, 4, 6, 7, generator=gen).to(device)
+    u = ref.conv_patches(x, ks, stride, padding, dilation, mode)
+    g = torch.randn(3, 6, *u.shape[2:4], generator=gen).to(device)
+    f = torch.full((6 * 2, 45), float("nan"), device=device)
+    fisher_stats.conv_fisher_ema_(f, x, g, kernel_size=ks, stride=stride, padding=padding, dilation=dilation,
+                                  padding_mode=mode, groups=2, scale=0.7, decay=0.0)
+    _assert_close(f, ref.conv_fisher(u.double(), g.double(), 2, 0.7).float())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -235,7 +256,8 @@ def test_conv_finite_guard(block_t):
     f0 = torch.rand(c_out * 2, 45, generator=gen).to(device)
     f = f0.clone()
     cfg = FisherStatsConfig(block_o=16, block_k=16, block_t=block_t)
-    fisher_stats.conv_fisher_ema_(f, u, g, groups=groups, scale=1.0, decay=0.3, config=cfg)
+    fisher_stats.conv_fisher_ema_(f, x.to(device), g, **_geometry(case), groups=groups, scale=1.0, decay=0.3,
+                                  config=cfg)
     f_ref = ref.fisher_ema_(f0.clone(), ref.conv_fisher(u.double(), g.double(), groups, 1.0), 0.3)
     o = torch.arange(c_out * 2, device=device) // 2
     bad = (o >= c_out // groups) & (torch.arange(c_out * 2, device=device) % 2 == 1)
@@ -266,15 +288,23 @@ def test_bad_arguments():
         fisher_stats.linear_fisher_ema_(f, x, g, b=4, scale=1.0, decay=1.5)
     with pytest.raises(ValueError, match="block_t"):
         FisherStatsConfig(block_t=24)
-    u = ref.conv_patches(torch.randn(2, 4, 5, 5, device=device), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1))
+    xc = torch.randn(2, 4, 5, 5, device=device)
     gc = torch.randn(2, 6, 5, 5, device=device)
     fc = torch.zeros(6 * 2, 45, device=device)
+    geo = {"kernel_size": (3, 3), "padding": 1}
     with pytest.raises(ValueError, match="groups"):
-        fisher_stats.conv_fisher_ema_(fc, u, gc, groups=3, scale=1.0, decay=0.0)
+        fisher_stats.conv_fisher_ema_(fc, xc, gc, **geo, groups=3, scale=1.0, decay=0.0)
     with pytest.raises(ValueError, match="gout"):
-        fisher_stats.conv_fisher_ema_(fc, u, gc[:, :, :4], groups=2, scale=1.0, decay=0.0)
-    with pytest.raises(ValueError, match="u "):
-        fisher_stats.conv_fisher_ema_(fc, u[..., 0], gc, groups=2, scale=1.0, decay=0.0)
+        fisher_stats.conv_fisher_ema_(fc, xc, gc[:, :, :4], **geo, groups=2, scale=1.0, decay=0.0)
+    with pytest.raises(ValueError, match="gout"):  # the output size does not follow from this geometry
+        fisher_stats.conv_fisher_ema_(fc, xc, gc, kernel_size=(3, 3), groups=2, scale=1.0, decay=0.0)
+    with pytest.raises(ValueError, match="x "):
+        fisher_stats.conv_fisher_ema_(fc, xc[0, 0], gc, **geo, groups=2, scale=1.0, decay=0.0)
+    with pytest.raises(ValueError, match="kernel_size"):
+        fisher_stats.conv_fisher_ema_(fc, xc, gc, kernel_size=(3, 3, 3), padding=1, groups=2, scale=1.0,
+                                      decay=0.0)
+    with pytest.raises(ValueError, match="padding_mode"):
+        fisher_stats.conv_fisher_ema_(fc, xc, gc, **geo, padding_mode="mirror", groups=2, scale=1.0, decay=0.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -312,16 +342,17 @@ def test_no_recompilation_on_decay_and_scale():
     x = torch.randn(64, 40, device=device)
     g = torch.randn(64, 30, device=device)
     f = torch.zeros(30 * 5, 36, device=device)
-    u = ref.conv_patches(torch.randn(4, 4, 8, 8, device=device), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1))
+    xc = torch.randn(4, 4, 8, 8, device=device)
     gc = torch.randn(4, 8, 8, 8, device=device)
     fc = torch.zeros(8 * 4, 45, device=device)
     fisher_stats.linear_fisher_ema_(f, x, g, b=8, scale=1.0, decay=0.0)
-    fisher_stats.conv_fisher_ema_(fc, u, gc, groups=1, scale=1.0, decay=0.0)
+    fisher_stats.conv_fisher_ema_(fc, xc, gc, kernel_size=(3, 3), padding=1, groups=1, scale=1.0, decay=0.0)
     lin = _n_compiled(fisher_stats._linear_fisher_ema_kernel)
     conv = _n_compiled(fisher_stats._conv_fisher_ema_kernel)
     assert lin >= 1 and conv >= 1
     for step, (decay, scale) in enumerate([(0.9, 0.5), (0.95, 3.0), (0.5, 1e-3), (0.0, 7.0)]):
         fisher_stats.linear_fisher_ema_(f, x, g, b=8, scale=scale, decay=decay)
-        fisher_stats.conv_fisher_ema_(fc, u, gc, groups=1, scale=scale, decay=decay)
+        fisher_stats.conv_fisher_ema_(fc, xc, gc, kernel_size=(3, 3), padding=1, groups=1, scale=scale,
+                                      decay=decay)
     assert _n_compiled(fisher_stats._linear_fisher_ema_kernel) == lin
     assert _n_compiled(fisher_stats._conv_fisher_ema_kernel) == conv

@@ -474,3 +474,67 @@ def test_statistics_of_all_1x1_block_parameters_are_one_batched_update(monkeypat
     assert calls == [(4, 0.0), (4, 0.5)]  # steps 0 and 2
     bn = model[1].weight
     assert opt.state[bn]["stat_steps"] == 2
+
+
+def test_cached_step_plan_follows_param_group_changes():
+    """The plan is keyed by the param groups too: a rebuilt group dict, or a parameter moved to another
+    group (same order of parameters), takes the new group's hyperparameters."""
+    def ones(model):
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+
+    model = nn.Linear(4, 3)
+    opt = MBF(model, backend="torch", lr=0.1)
+    ones(model)
+    opt.step()
+    opt.param_groups[0] = dict(opt.param_groups[0])
+    ones(model)
+    opt.step()  # used to raise KeyError
+    model = nn.Linear(4, 3)
+    opt = MBF(model, [{"params": [model.weight, model.bias], "lr": 0.1}, {"params": [], "lr": 0.0}],
+              backend="torch")
+    ones(model)
+    opt.step()
+    opt.param_groups[0]["params"] = [model.weight]
+    opt.param_groups[1]["params"].append(model.bias)
+    bias, weight = model.bias.detach().clone(), model.weight.detach().clone()
+    ones(model)
+    opt.step()
+    assert torch.equal(model.bias, bias) and not torch.equal(model.weight, weight)
+
+
+def test_parameter_memory_freed_in_place_and_reallocated():
+    """FSDP/ZeRO-style code frees a parameter's storage in place (resize_(0)) and sets ``.data`` to a new
+    tensor, which may land at the old address: the update must go to the new tensor."""
+    model = nn.Module()
+    model.w = nn.Parameter(torch.randn(1 << 24))  # 64 MiB: glibc mmaps it, and a new one often reuses the address
+    opt = MBF(model, backend="torch", lr=0.1, stat_every=1)
+    w = model.w
+    for step in range(3):
+        w.grad = torch.ones_like(w)
+        if step == 2:
+            w.untyped_storage().resize_(0)
+            w.data = torch.zeros(1 << 24)
+        opt.step()
+    assert (w != 0).all()
+
+
+def test_failed_statistics_step_leaves_first_estimates_pending():
+    """If a later layer's statistics raise (e.g. out of memory, caught by the loop), parameters whose
+    batched 1x1 statistics did not run are not counted as having a first estimate."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 3))
+    opt = MBF(model, backend="torch", stat_every=1)
+    real = opt._update_statistics
+
+    def flaky(backend, p, *args, **kw):
+        if p is model[1].weight:
+            raise RuntimeError("out of memory (simulated)")
+        return real(backend, p, *args, **kw)
+
+    opt._update_statistics = flaky
+    model(torch.randn(8, 4)).pow(2).mean().backward()
+    with pytest.raises(RuntimeError, match="simulated"):
+        opt.step()
+    state = opt.state[model[0].weight]
+    assert state["stat_steps"] == 0 and (state["F"] == 0).all()

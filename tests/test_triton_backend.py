@@ -19,7 +19,7 @@ def mlp() -> nn.Module:
 def convnet() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, padding_mode="circular"), nn.BatchNorm2d(6), nn.ReLU(),
         nn.Flatten(), nn.Linear(6 * 3 * 3, 3),
     )
 
