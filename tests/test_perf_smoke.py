@@ -59,3 +59,16 @@ def test_help() -> None:
         proc = subprocess.run([sys.executable, str(PERF / script), "--help"], cwd=ROOT, capture_output=True,
                               text=True, timeout=60)
         assert proc.returncode == 0 and "--smoke" in proc.stdout
+
+
+def test_host_overhead_counts_launches_and_times_the_step() -> None:
+    """perf/host_overhead.py: the stubbed-kernel host measurement runs on the CPU and counts what a
+    step launches (the fused update of the autoencoder's weights and biases: 2 grouped launches)."""
+    proc = subprocess.run([sys.executable, str(PERF / "host_overhead.py"), "--models", "autoencoder", "--steps",
+                           "2"], cwd=PERF, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| autoencoder")]
+    assert len(rows) == 2
+    (no_stats, stats) = rows
+    assert float(no_stats[3]) > 0 and int(no_stats[4]) == 2  # weights (b=16) and biases (b=1): 2 launches
+    assert int(stats[4]) > int(no_stats[4])  # plus the statistics kernels
