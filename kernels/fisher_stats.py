@@ -31,6 +31,7 @@ __all__ = ["FisherStatsConfig", "linear_fisher_ema_", "conv_fisher_ema_", "defau
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
+PRECISIONS = ("ieee", "tf32x3")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class FisherStatsConfig:
     block_t: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    precision: str = "ieee"  # of the main tl.dot: "ieee" (fp32 FMA) or "tf32x3" (tensor cores, ~fp32 accuracy)
 
     def __post_init__(self) -> None:
         for name in ("block_o", "block_k", "block_t"):
@@ -56,6 +58,8 @@ class FisherStatsConfig:
             raise ValueError(f"num_warps={self.num_warps} must be a power of two")
         if self.num_stages < 1:
             raise ValueError(f"num_stages={self.num_stages} must be >= 1")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} must be one of {PRECISIONS}")
 
 
 def _pow2_clamp(n: int, lo: int, hi: int) -> int:
@@ -173,6 +177,7 @@ def _linear_fisher_ema_kernel(
     s_xm, s_xi, s_gm, s_go,
     B: tl.constexpr, T: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, SINGLE_T: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_jt = tl.program_id(0)  # (chunk, tile of the packed triangle): can exceed 65535, so axis 0
     pid_o = tl.program_id(1)
@@ -203,7 +208,7 @@ def _linear_fisher_ema_kernel(
         x_m_off = offs_m64[:, None] * s_xm
         xr = tl.load(x_ptr + x_m_off + x_row_off[None, :], mask=zmask, other=0.0).to(tl.float32)
         xc = tl.load(x_ptr + x_m_off + x_col_off[None, :], mask=zmask, other=0.0).to(tl.float32)
-        acc = tl.dot(g * g, xr * xc, acc, input_precision="ieee")
+        acc = tl.dot(g * g, xr * xc, acc, input_precision=PRECISION)
 
     fhat = acc * scale2_over_m
     blk = offs_o * n_chunks + j
@@ -281,6 +286,7 @@ def linear_fisher_ema_(
         x.stride(0), x.stride(1), gout.stride(0), gout.stride(1),
         B=b, T=t_size,
         BLOCK_O=config.block_o, BLOCK_M=config.block_k, BLOCK_T=config.block_t, SINGLE_T=single,
+        PRECISION=config.precision,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     _finish(f, new, t_size)
@@ -301,6 +307,7 @@ def _conv_fisher_ema_kernel(
     sg_n, sg_o, sg_l1, sg_l2, sg_l3,
     B: tl.constexpr, B_PAD: tl.constexpr, T: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr, SINGLE_T: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     # Program: input channel c of a group, BLOCK_O output channels, BLOCK_T packed triangle entries.
     # Per sample: the per-sample gradients of the program's mini-blocks, G[o, k] = sum_l g[o, l] u[l, k]
@@ -358,7 +365,7 @@ def _conv_fisher_ema_kernel(
             inside = (i1 >= 0) & (i1 < S1) & (i2 >= 0) & (i2 < S2) & (i3 >= 0) & (i3 < S3)
             x_off = i1.to(tl.int64) * sx_1 + i2.to(tl.int64) * sx_2 + i3.to(tl.int64) * sx_3
             u = tl.load(x_n_ptr + x_off, mask=l_mask[:, None] & k_mask[None, :] & inside, other=0.0)
-            grad = tl.dot(g, u.to(tl.float32), grad, input_precision="ieee")
+            grad = tl.dot(g, u.to(tl.float32), grad, input_precision=PRECISION)
         g_row = tl.dot(grad, sel_row, input_precision="ieee")
         g_col = tl.dot(grad, sel_col, input_precision="ieee")
         acc += g_row * g_col
@@ -461,6 +468,7 @@ def conv_fisher_ema_(
         gout.stride(0), gout.stride(1), *sg_l,
         B=b, B_PAD=conv_k_pad(b), T=t_size,
         BLOCK_O=config.block_o, BLOCK_L=config.block_k, BLOCK_T=config.block_t, SINGLE_T=single,
+        PRECISION=config.precision,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     _finish(f, new, t_size)

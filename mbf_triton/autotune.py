@@ -136,7 +136,8 @@ def describe(config: object) -> str:
     if isinstance(config, BlockUpdateConfig):
         return config.describe()
     c = config
-    return f"o={c.block_o} k={c.block_k} t={c.block_t} w={c.num_warps} s={c.num_stages}"
+    prec = "" if c.precision == "ieee" else f" {c.precision}"
+    return f"o={c.block_o} k={c.block_k} t={c.block_t} w={c.num_warps} s={c.num_stages}{prec}"
 
 
 def config_to_dict(config: object) -> dict[str, Any]:
@@ -149,9 +150,14 @@ def config_from_dict(kernel: str, data: object) -> object:
         raise ValueError(f"kernel={kernel!r} must be one of {KERNELS}")
     cls = BlockUpdateConfig if kernel == "block_update" else _stats_config_type()
     names = {f.name for f in dataclasses.fields(cls)}
-    if not isinstance(data, dict) or set(data) != names:
+    optional = {"precision"}  # entries written before the field existed mean the default ("ieee")
+    if not isinstance(data, dict) or not names - optional <= set(data) <= names:
         raise ValueError(f"config {data!r} must be a dict with keys {sorted(names)}")
     for k, v in data.items():
+        if k == "precision":
+            if not isinstance(v, str):
+                raise ValueError(f"config field precision={v!r} must be a string")
+            continue
         if not (v is None or (isinstance(v, int) and not isinstance(v, bool))):
             raise ValueError(f"config field {k}={v!r} must be an int")
         if v is None and not (cls is BlockUpdateConfig and k == "num_stages"):
@@ -233,12 +239,13 @@ def _stats_candidates(heuristic, t_size: int, n_o: int, n_k: int, n_acc: int, ph
                     if cfg not in out and _stats_tiles_ok(bo, bk, bt, cfg.num_warps, cfg.num_stages, n_acc):
                         out.append(cfg)
         return out
-    out = []  # phase 1: warps and stages around the best tile
-    for w in (2, 4, 8):
-        for s in (1, 2, 3):
-            cfg = dataclasses.replace(best, num_warps=w, num_stages=s)
-            if cfg == best or _stats_tiles_ok(cfg.block_o, cfg.block_k, cfg.block_t, w, s, n_acc):
-                out.append(cfg)
+    out = []  # phase 1: warps and stages around the best tile, with the fp32 FMA dot and with 3xTF32
+    for precision in ("ieee", "tf32x3"):  # 3xTF32: tensor cores, about fp32 accuracy (see the README)
+        for w in (2, 4, 8):
+            for s in (1, 2, 3):
+                cfg = dataclasses.replace(best, num_warps=w, num_stages=s, precision=precision)
+                if cfg == best or _stats_tiles_ok(cfg.block_o, cfg.block_k, cfg.block_t, w, s, n_acc):
+                    out.append(cfg)
     return out
 
 

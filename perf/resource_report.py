@@ -12,6 +12,7 @@ see their occupancy cost before a GPU run. Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import subprocess
@@ -43,7 +44,7 @@ LINEAR_SIG = {
     "n_chunks": "i32", "scale2_over_m": "fp32", "decay": "fp32",
     "s_xm": "i64", "s_xi": "i64", "s_gm": "i64", "s_go": "i64",
     "B": "constexpr", "T": "constexpr", "BLOCK_O": "constexpr", "BLOCK_M": "constexpr", "BLOCK_T": "constexpr",
-    "SINGLE_T": "constexpr",
+    "SINGLE_T": "constexpr", "PRECISION": "constexpr",
 }
 CONV_SIG = {
     "f_ptr": _F, "new_ptr": _F, "x_ptr": _F, "g_ptr": _F,
@@ -53,6 +54,7 @@ CONV_SIG = {
     **{n: "i64" for n in ("sx_n", "sx_c", "sx_1", "sx_2", "sx_3", "sg_n", "sg_o", "sg_l1", "sg_l2", "sg_l3")},
     "B": "constexpr", "B_PAD": "constexpr", "T": "constexpr",
     "BLOCK_O": "constexpr", "BLOCK_L": "constexpr", "BLOCK_T": "constexpr", "SINGLE_T": "constexpr",
+    "PRECISION": "constexpr",
 }
 
 
@@ -93,20 +95,23 @@ def rows(quick: bool) -> list[tuple[str, str, dict]]:
         r = resources(bu._grouped_block_update_kernel, GROUPED_SIG,
                       {"B": b, "B_PAD": b_pad, "T": b * (b + 1) // 2, "BLOCKS": blocks}, warps)
         out.append(("grouped_block_update", f"b={b} blocks={blocks} warps={warps} bf16", r))
-    for b, n_out in (() if quick else ((9, 512), (16, 1000), (32, 256), (64, 256))):
+    for b, n_out, precision in (() if quick else ((9, 512, "ieee"), (16, 1000, "ieee"), (32, 256, "ieee"),
+                                                   (64, 256, "ieee"), (16, 1000, "tf32x3"))):
         t = b * (b + 1) // 2
-        c = fs.default_linear_config(n_out, t)
+        c = dataclasses.replace(fs.default_linear_config(n_out, t), precision=precision)
         r = resources(fs._linear_fisher_ema_kernel, LINEAR_SIG,
                       {"B": b, "T": t, "BLOCK_O": c.block_o, "BLOCK_M": c.block_k, "BLOCK_T": c.block_t,
-                       "SINGLE_T": t <= c.block_t}, c.num_warps, c.num_stages)
+                       "SINGLE_T": t <= c.block_t, "PRECISION": c.precision}, c.num_warps, c.num_stages)
         out.append(("linear_stats", f"b={b} out={n_out} {c}", r))
-    for b, og, n_l in (((9, 64, 1024),) if quick else ((1, 256, 64), (9, 64, 1024), (9, 512, 16), (27, 64, 512),
-                                                        (49, 64, 256))):
+    for b, og, n_l, precision in (((9, 64, 1024, "ieee"),) if quick else (
+            (1, 256, 64, "ieee"), (9, 64, 1024, "ieee"), (9, 512, 16, "ieee"), (27, 64, 512, "ieee"),
+            (49, 64, 256, "ieee"), (9, 64, 1024, "tf32x3"))):
         t = b * (b + 1) // 2
-        c = fs.default_conv_config(og, n_l, t)
+        c = dataclasses.replace(fs.default_conv_config(og, n_l, t), precision=precision)
         r = resources(fs._conv_fisher_ema_kernel, CONV_SIG,
                       {"B": b, "B_PAD": fs.conv_k_pad(b), "T": t, "BLOCK_O": c.block_o, "BLOCK_L": c.block_k,
-                       "BLOCK_T": c.block_t, "SINGLE_T": t <= c.block_t}, c.num_warps, c.num_stages)
+                       "BLOCK_T": c.block_t, "SINGLE_T": t <= c.block_t, "PRECISION": c.precision},
+                      c.num_warps, c.num_stages)
         out.append(("conv_stats", f"b={b} out/group={og} positions={n_l} {c}", r))
     return out
 

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The GPU checks of this project, for whoever next has a GPU (works offline):
 #
-#   bash perf/run_gpu.sh                 # every stage: tests solve step tune (~13 minutes on an H100)
+#   bash perf/run_gpu.sh                 # every stage: tests solve step tune (~15 minutes on an H100)
 #   bash perf/run_gpu.sh tests solve     # ~7 minutes  } the same in two commands, for tools that cap
-#   bash perf/run_gpu.sh step tune       # ~7 minutes  } one command at 10 minutes
+#   bash perf/run_gpu.sh step tune       # ~8 minutes  } one command at 10 minutes
 #
 # Stages:
 #   tests  the whole test suite on the GPU (MBF_TEST_MODE=full, the @pytest.mark.gpu tests included)
 #   solve  perf/bench_solve.py: fused solve+update vs torch.linalg batched paths, b x block count sweep
 #   step   perf/bench_step.py: training iteration / optimizer step, MBF vs Adam(fused) and SGD
-#   tune   python -m mbf_triton tune: autotuner sweep, tuned vs heuristic timed again (issue 4's check)
+#   tune   python -m mbf_triton tune: autotuner sweeps of the fused update and of the statistics kernels,
+#          tuned vs heuristic timed again after each sweep (issue 4's check)
 # The stages write into a fresh work folder; ${OUT:-perf/out} then gets at most 8 files: summary.md,
 # results.tar.gz (every CSV, plot, summary and log), the three plots and the three main CSVs, so that
 # tools which bring back only a few files get all of it. The summary comes last on stdout. Stages keep
@@ -64,8 +65,12 @@ for s in "${STAGES[@]}"; do
              --time-budget-s "${SOLVE_BUDGET:-180}" --rep-ms 60 --warmup-ms 15 ;;
     step)  run_stage step "${STEP_TIMEOUT:-170}" $PY perf/bench_step.py --out "$WORK" --no-progress \
              --time-budget-s "${STEP_BUDGET:-130}" ;;
-    tune)  run_stage tune "${TUNE_TIMEOUT:-230}" $PY -m mbf_triton tune --out "$WORK" --b 4 9 16 25 32 64 \
-             --blocks 100000 1000000 --time-budget-s "${TUNE_BUDGET:-170}" ;;
+    tune)  run_stage tune "${TUNE_TIMEOUT:-200}" $PY -m mbf_triton tune --out "$WORK" --b 4 9 16 25 32 64 \
+             --blocks 100000 1000000 --time-budget-s "${TUNE_BUDGET:-140}"
+           # the statistics kernels (fp32 FMA vs 3xTF32 tensor-core dots among the candidates), smaller sizes
+           run_stage tune_stats "${TUNE_STATS_TIMEOUT:-150}" $PY -m mbf_triton tune --out "$WORK/tune_stats" \
+             --kernel linear_stats conv_stats --b 9 16 --blocks 10000 --samples 128 --positions 256 \
+             --time-budget-s "${TUNE_STATS_BUDGET:-100}" ;;
   esac
 done
 
@@ -76,10 +81,12 @@ done
   cat "$LOGS/stages.log"
   [ -f "$LOGS/tests.log" ] && echo "tests: $(tail -n 1 "$LOGS/tests.log")"
   for f in solve_summary.md step_summary.md; do [ -f "$WORK/$f" ] && { echo; cat "$WORK/$f"; }; done
-  if [ -f "$LOGS/tune.log" ]; then
-    echo; echo "## Autotune sweep (tuned vs heuristic, timed again after the sweep)"
-    sed -n '/^summary/,/^wrote/p' "$LOGS/tune.log"
-  fi
+  for t in tune tune_stats; do
+    if [ -f "$LOGS/$t.log" ]; then
+      echo; echo "## Autotune sweep: $t (tuned vs heuristic, timed again after the sweep)"
+      sed -n '/^summary/,/^wrote/p' "$LOGS/$t.log"
+    fi
+  done
 } 2>&1 | tee "$OUT/summary.md"
 
 case "$MBF_TRITON_CACHE_DIR" in "$LOGS"/*) ;; *) cp -r "$MBF_TRITON_CACHE_DIR" "$LOGS/autotune-cache" 2>/dev/null ;; esac
@@ -89,4 +96,4 @@ tar -czf "$OUT/results.tar.gz" -C "$WORK" .
 for f in solve_speedup.png step_time.png autotune.png solve.csv step.csv autotune_summary.csv; do
   [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/"
 done
-for s in "${STAGES[@]}"; do [ "${RC[$s]:-1}" -eq 0 ] || exit 1; done
+for s in "${!RC[@]}"; do [ "${RC[$s]}" -eq 0 ] || exit 1; done

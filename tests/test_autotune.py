@@ -103,6 +103,9 @@ def test_stats_candidates_are_valid():
         assert {(c.block_o, c.block_k, c.block_t) for c in phase1} == {
             (phase0[-1].block_o, phase0[-1].block_k, phase0[-1].block_t)
         }
+        # phase 1 also tries the 3xTF32 tensor-core dot; phase 0 (the tiles) stays on the fp32 FMA dot
+        assert {c.precision for c in phase1} == {"ieee", "tf32x3"}
+        assert {c.precision for c in phase0} == {"ieee"}
     # tiny layers: no tile larger than the problem (beyond the minimum of 16), the heuristic aside
     for c in autotune.linear_stats_candidates(3, 5, 2)[1:]:
         assert c.block_o == 16 and c.block_k == 16 and c.block_t == 16
@@ -118,6 +121,13 @@ def test_config_from_dict_rejects_garbage():
     with pytest.raises(ValueError):
         autotune.config_from_dict("linear_stats", {"block_o": 8, "block_k": 16, "block_t": 16,
                                                    "num_warps": 4, "num_stages": 2})
+    stats = {"block_o": 16, "block_k": 16, "block_t": 32, "num_warps": 4, "num_stages": 2}
+    # an entry written before the precision field existed means the fp32 FMA dot
+    assert autotune.config_from_dict("conv_stats", stats).precision == "ieee"
+    assert autotune.config_from_dict("conv_stats", {**stats, "precision": "tf32x3"}).precision == "tf32x3"
+    for bad in ("tf32", 3):
+        with pytest.raises(ValueError):
+            autotune.config_from_dict("conv_stats", {**stats, "precision": bad})
 
 
 # --------------------------------------------------------------------------------------- selection

@@ -98,8 +98,11 @@ def test_linear_unitwise(b, n_in):
     [
         FisherStatsConfig(block_o=16, block_k=16, block_t=16),  # T tiled: scratch + guarded copy
         FisherStatsConfig(block_o=64, block_k=64, block_t=64, num_warps=8),  # one T tile
+        # 3xTF32 on the tensor cores (a tuner candidate): fp32 accuracy is asserted against float64 on a
+        # GPU; the interpreter computes every dot in fp32 and only checks the plumbing
+        FisherStatsConfig(block_o=32, block_k=32, block_t=64, num_warps=4, precision="tf32x3"),
     ],
-    ids=["small-tiles", "large-tiles"],
+    ids=["small-tiles", "large-tiles", "tf32x3"],
 )
 def test_linear_configs(config):
     _check_linear_two_steps(9, 50, 31, 40, torch.float32, strided=True, config=config)
@@ -190,8 +193,9 @@ def test_conv_dtypes_channels_last(dtype):
     [
         FisherStatsConfig(block_o=16, block_k=16, block_t=16),  # T and L tiled, O tile partly empty
         FisherStatsConfig(block_o=32, block_k=64, block_t=64, num_warps=8),
+        FisherStatsConfig(block_o=32, block_k=16, block_t=64, num_warps=8, precision="tf32x3"),
     ],
-    ids=["small-tiles", "large-tiles"],
+    ids=["small-tiles", "large-tiles", "tf32x3"],
 )
 def test_conv_configs(config):
     # C_out per group = 18 > 16: several output-channel tiles per group
@@ -316,6 +320,8 @@ def test_bad_arguments():
 def test_linear_realistic_shape():
     _check_linear_two_steps(16, 1000, 784, 1000, torch.float32, strided=False, scale=0.05)
     _check_linear_two_steps(16, 1000, 784, 1000, torch.bfloat16, strided=True, scale=0.05)
+    tf32x3 = FisherStatsConfig(block_o=64, block_k=32, block_t=64, num_warps=8, precision="tf32x3")
+    _check_linear_two_steps(16, 1000, 784, 1000, torch.float32, strided=False, scale=0.05, config=tf32x3)
 
 
 @pytest.mark.gpu
@@ -327,6 +333,8 @@ def test_conv_realistic_shape(dtype):
     _check_conv_two_steps(depthwise, dtype, n=32, scale=0.05)
     stem = ((7, 7), (2, 2), ((3, 3), (3, 3)), (1, 1), 3, 64, 1, (32, 32))
     _check_conv_two_steps(stem, dtype, n=16, scale=0.02, channels_last=True)
+    tf32x3 = FisherStatsConfig(block_o=32, block_k=16, block_t=64, num_warps=8, precision="tf32x3")
+    _check_conv_two_steps(vgg, dtype, n=32, scale=0.02, config=tf32x3)
 
 
 def _n_compiled(kernel) -> int:
