@@ -78,6 +78,11 @@ def default_linear_config(n_out: int, t_size: int) -> FisherStatsConfig:
     )
 
 
+def conv_full_blocks(b: int) -> bool:
+    """Whether the conv kernel forms whole mini-blocks per program (b <= 16): then ``block_t`` is unused."""
+    return conv_k_pad(b) == 16
+
+
 def conv_k_pad(b: int) -> int:
     """Width of the conv kernel's per-sample gradient tile: ``b`` padded to a power of two >= 16."""
     return max(16, triton.next_power_of_2(b))
@@ -86,16 +91,18 @@ def conv_k_pad(b: int) -> int:
 def default_conv_config(og: int, n_l: int, t_size: int) -> FisherStatsConfig:
     """Heuristic tiles of :func:`conv_fisher_ema_`: ``og`` outputs per group, ``n_l`` output positions.
 
-    The per-sample gradients are formed again for every tile of packed entries, so the tile is as wide
-    as the register budget allows: 64 entries (one tile for 3x3 kernels) where ptxas stays at ~100-130
-    registers with no spill (sm_90, triton 3.9: gradient width 16 or 64), 32 where 64 would take ~205
-    registers (width 32: 5x5 and 3x3x3 kernels) or more (width 128).
+    b <= 16 (3x3, 1x1, ...): whole mini-blocks per program (:func:`conv_full_blocks`), ``block_t`` unused,
+    16 output channels (32 took ~195 registers: one program per SM).
+    Larger b: the per-sample gradients are formed again for every tile of packed entries, so the tile is
+    as wide as the register budget allows: 64 where ptxas stays at ~100-130 registers with no spill
+    (sm_90, triton 3.9: gradient width 64), 32 where 64 would take ~205 registers (width 32: 5x5 and
+    3x3x3 kernels) or more (width 128).
     """
     b = _tri_side(t_size)
-    t_cap = {16: 64, 32: 32, 64: 64}.get(conv_k_pad(b), 32)
-    return FisherStatsConfig(
-        block_o=_pow2_clamp(og, 16, 32), block_k=16, block_t=_pow2_clamp(t_size, 16, t_cap), num_warps=8
-    )
+    if conv_full_blocks(b):  # a (16, 16, 16) accumulator: 94-109 registers (triton 3.6 / 3.9), no spill
+        return FisherStatsConfig(block_o=16, block_k=16, block_t=16, num_warps=8)
+    block_t = _pow2_clamp(t_size, 16, 64 if conv_k_pad(b) == 64 else 32)
+    return FisherStatsConfig(block_o=_pow2_clamp(og, 16, 32), block_k=16, block_t=block_t, num_warps=8)
 
 
 def _tri_side(t_size: int) -> int:
@@ -139,6 +146,22 @@ def _ema_guard_store(f_ptr, new_ptr, fhat, blk, offs_t, o_mask, t_mask, decay,
         tl.store(f_ptr + off, tl.where(bad[:, None] == 0, new, old), mask=mask)
     else:
         tl.store(new_ptr + off, new, mask=mask)
+
+
+@triton.jit
+def _ema_guard_store_blocks(f_ptr, fhat, blk, o_mask, decay, B: tl.constexpr, B_PAD: tl.constexpr,
+                            T: tl.constexpr):
+    """EMA and finite guard of whole mini-blocks ``blk`` given as full ``(BLOCK_O, B_PAD, B_PAD)`` tiles:
+    the lower triangle ``q <= p < B`` goes to packed entry ``p*(p+1)//2 + q``."""
+    p = tl.arange(0, B_PAD)[None, :, None]
+    q = tl.arange(0, B_PAD)[None, None, :]
+    mask = o_mask[:, None, None] & (q <= p) & (p < B)
+    off = blk[:, None, None] * T + p * (p + 1) // 2 + q
+    old = tl.load(f_ptr + off, mask=mask, other=0.0)
+    lerp = tl.where(decay < 0.5, fhat + decay * (old - fhat), old - (old - fhat) * (1.0 - decay))
+    new = tl.where(decay == 0.0, fhat, lerp)
+    bad = tl.sum(tl.sum(tl.where(mask & ~(tl.abs(new) <= _FLT_MAX), 1, 0), axis=2), axis=1)
+    tl.store(f_ptr + off, tl.where(bad[:, None, None] == 0, new, old), mask=mask)
 
 
 @triton.jit
@@ -307,8 +330,12 @@ def _conv_fisher_ema_kernel(
     sg_n, sg_o, sg_l1, sg_l2, sg_l3,
     B: tl.constexpr, B_PAD: tl.constexpr, T: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr, SINGLE_T: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, FULL: tl.constexpr,
 ):
+    # FULL (B_PAD == 16, i.e. b <= 16): a program owns whole mini-blocks and accumulates the full outer
+    # products G[o, :] G[o, :]^T elementwise (B_PAD^2 = 256 multiply-adds per output and sample, no
+    # selection), storing their lower triangles packed; BLOCK_T is unused and there is one T tile.
+    # Otherwise:
     # Program: input channel c of a group, BLOCK_O output channels, BLOCK_T packed triangle entries.
     # Per sample: the per-sample gradients of the program's mini-blocks, G[o, k] = sum_l g[o, l] u[l, k]
     # with u[l, k] the input under kernel tap k at output position l (read from x, zero padding masked)
@@ -339,13 +366,17 @@ def _conv_fisher_ema_kernel(
     k1 = offs_k // (K2 * K3)
     k2 = (offs_k // K3) % K2
     k3 = offs_k % K3
-    sel_row = tl.where(offs_k[:, None] == row[None, :], 1.0, 0.0)  # (B_PAD, BLOCK_T)
-    sel_col = tl.where(offs_k[:, None] == col[None, :], 1.0, 0.0)
+    if not FULL:
+        sel_row = tl.where(offs_k[:, None] == row[None, :], 1.0, 0.0)  # (B_PAD, BLOCK_T)
+        sel_col = tl.where(offs_k[:, None] == col[None, :], 1.0, 0.0)
     x_c_ptr = x_ptr + cin * sx_c
     g_o_off = offs_o * sg_o
     l23 = L2 * L3
 
-    acc = tl.zeros((BLOCK_O, BLOCK_T), dtype=tl.float32)
+    if FULL:
+        acc = tl.zeros((BLOCK_O, B_PAD, B_PAD), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_O, BLOCK_T), dtype=tl.float32)
     x_n_ptr = x_c_ptr  # sample pointers advance by one stride per sample: no n * stride product
     g_n_ptr = g_ptr
     for _n in range(0, N):
@@ -366,15 +397,21 @@ def _conv_fisher_ema_kernel(
             x_off = i1.to(tl.int64) * sx_1 + i2.to(tl.int64) * sx_2 + i3.to(tl.int64) * sx_3
             u = tl.load(x_n_ptr + x_off, mask=l_mask[:, None] & k_mask[None, :] & inside, other=0.0)
             grad = tl.dot(g, u.to(tl.float32), grad, input_precision=PRECISION)
-        g_row = tl.dot(grad, sel_row, input_precision="ieee")
-        g_col = tl.dot(grad, sel_col, input_precision="ieee")
-        acc += g_row * g_col
+        if FULL:
+            acc += grad[:, :, None] * grad[:, None, :]
+        else:
+            g_row = tl.dot(grad, sel_row, input_precision="ieee")
+            g_col = tl.dot(grad, sel_col, input_precision="ieee")
+            acc += g_row * g_col
         x_n_ptr += sx_n
         g_n_ptr += sg_n
 
     fhat = acc * scale2_over_n
     blk = offs_o * Cg + c
-    _ema_guard_store(f_ptr, new_ptr, fhat, blk, offs_t, o_mask, t_mask, decay, T, SINGLE_T)
+    if FULL:
+        _ema_guard_store_blocks(f_ptr, fhat, blk, o_mask, decay, B, B_PAD, T)
+    else:
+        _ema_guard_store(f_ptr, new_ptr, fhat, blk, offs_t, o_mask, t_mask, decay, T, SINGLE_T)
 
 
 def _int_tuple(name: str, value, d: int) -> tuple[int, ...]:
@@ -456,7 +493,8 @@ def conv_fisher_ema_(
 
     if config is None:
         config = default_conv_config(og, n_l, t_size)
-    n_t_tiles = triton.cdiv(t_size, config.block_t)
+    full = conv_full_blocks(b)
+    n_t_tiles = 1 if full else triton.cdiv(t_size, config.block_t)
     single = n_t_tiles == 1
     new = None if single else torch.empty_like(f)
     grid = (groups * triton.cdiv(og, config.block_o), cg, n_t_tiles)
@@ -468,7 +506,7 @@ def conv_fisher_ema_(
         gout.stride(0), gout.stride(1), *sg_l,
         B=b, B_PAD=conv_k_pad(b), T=t_size,
         BLOCK_O=config.block_o, BLOCK_L=config.block_k, BLOCK_T=config.block_t, SINGLE_T=single,
-        PRECISION=config.precision,
+        PRECISION=config.precision, FULL=full,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     _finish(f, new, t_size)

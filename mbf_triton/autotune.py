@@ -260,10 +260,12 @@ def linear_stats_candidates(n_out: int, m: int, b: int, *, phase: int = 0, best:
 
 def conv_stats_candidates(og: int, n_l: int, b: int, *, phase: int = 0, best: object = None) -> list:
     """Statistics tiles for a convolution (``og`` outputs per group, ``n_l`` positions), as the Linear."""
-    from .kernels.fisher_stats import default_conv_config
+    from .kernels.fisher_stats import conv_full_blocks, default_conv_config
 
     t_size = b * (b + 1) // 2
     heuristic = default_conv_config(og, n_l, t_size)
+    if conv_full_blocks(b):  # whole blocks per program: no T tile to vary, a (o, 16, 16) accumulator
+        return _stats_candidates(heuristic, 16, og, n_l, 16, phase, best or heuristic)
     return _stats_candidates(heuristic, t_size, og, n_l, 3, phase, best or heuristic)
 
 

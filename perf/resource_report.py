@@ -54,7 +54,7 @@ CONV_SIG = {
     **{n: "i64" for n in ("sx_n", "sx_c", "sx_1", "sx_2", "sx_3", "sg_n", "sg_o", "sg_l1", "sg_l2", "sg_l3")},
     "B": "constexpr", "B_PAD": "constexpr", "T": "constexpr",
     "BLOCK_O": "constexpr", "BLOCK_L": "constexpr", "BLOCK_T": "constexpr", "SINGLE_T": "constexpr",
-    "PRECISION": "constexpr",
+    "PRECISION": "constexpr", "FULL": "constexpr",
 }
 
 
@@ -110,7 +110,8 @@ def rows(quick: bool) -> list[tuple[str, str, dict]]:
         c = dataclasses.replace(fs.default_conv_config(og, n_l, t), precision=precision)
         r = resources(fs._conv_fisher_ema_kernel, CONV_SIG,
                       {"B": b, "B_PAD": fs.conv_k_pad(b), "T": t, "BLOCK_O": c.block_o, "BLOCK_L": c.block_k,
-                       "BLOCK_T": c.block_t, "SINGLE_T": t <= c.block_t, "PRECISION": c.precision},
+                       "BLOCK_T": c.block_t, "SINGLE_T": t <= c.block_t or fs.conv_full_blocks(b),
+                       "PRECISION": c.precision, "FULL": fs.conv_full_blocks(b)},
                       c.num_warps, c.num_stages)
         out.append(("conv_stats", f"b={b} out/group={og} positions={n_l} {c}", r))
     return out

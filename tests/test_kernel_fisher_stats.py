@@ -270,6 +270,31 @@ def test_conv_finite_guard(block_t):
     _assert_close(f, f_ref)
 
 
+@pytest.mark.parametrize("name,block_t", [("2d-k5", 16), ("2d-k5", 64), ("3d-k3", 32), ("2d-k3", 16)])
+def test_conv_finite_guard_any_path(name, block_t):
+    """A NaN in one input channel: exactly the mini-blocks that read it keep their old F, on both kernel
+    paths (whole blocks per program for b <= 16, packed-entry tiles otherwise, T tiled or not)."""
+    device = kernel_device()
+    case = CONV_CASES[name]
+    ks, stride, padding, dilation, c_in, c_out, groups, size = case
+    gen = torch.Generator().manual_seed(31)
+    x = torch.randn(2, c_in, *size, generator=gen)
+    x[1, c_in - 1].view(-1)[0] = float("nan")
+    x = x.to(device)
+    u = ref.conv_patches(x, ks, stride, padding, dilation)
+    g = torch.randn(2, c_out, *u.shape[2 : 2 + len(ks)], generator=gen).to(device)
+    b = math.prod(ks)
+    f0 = torch.rand(c_out * (c_in // groups), ref.tril_size(b), generator=gen).to(device)
+    f = f0.clone()
+    cfg = FisherStatsConfig(block_o=16, block_k=16, block_t=block_t)
+    fisher_stats.conv_fisher_ema_(f, x, g, **_geometry(case), groups=groups, scale=1.0, decay=0.3, config=cfg)
+    fhat = ref.conv_fisher(u.double(), g.double(), groups, 1.0)
+    bad = ~torch.isfinite(fhat).all(dim=1)
+    assert bad.any() and not bad.all()
+    assert torch.equal(f[bad], f0[bad])
+    _assert_close(f[~bad], ref.fisher_ema_(f0.clone()[~bad], fhat[~bad], 0.3))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Argument checks
 # ----------------------------------------------------------------------------------------------------
