@@ -80,12 +80,13 @@ def default_linear_config(n_out: int, t_size: int) -> FisherStatsConfig:
 
 def conv_full_blocks(b: int) -> bool:
     """Whether the conv kernel forms whole mini-blocks per program (b <= 16): then ``block_t`` is unused."""
-    return conv_k_pad(b) == 16
+    return conv_k_pad(b) <= 16
 
 
 def conv_k_pad(b: int) -> int:
-    """Width of the conv kernel's per-sample gradient tile: ``b`` padded to a power of two >= 16."""
-    return max(16, triton.next_power_of_2(b))
+    """Width of the conv kernel's per-sample gradient tile: ``b`` padded to a power of two >= 16 (the
+    ``tl.dot`` minimum), except 1 for 1x1 kernels, whose gradient is a reduction over the positions."""
+    return 1 if b == 1 else max(16, triton.next_power_of_2(b))
 
 
 def default_conv_config(og: int, n_l: int, t_size: int) -> FisherStatsConfig:
@@ -99,6 +100,8 @@ def default_conv_config(og: int, n_l: int, t_size: int) -> FisherStatsConfig:
     3x3x3 kernels) or more (width 128).
     """
     b = _tri_side(t_size)
+    if b == 1:  # 1x1: a reduction over positions, one number per block: 56-64 registers
+        return FisherStatsConfig(block_o=_pow2_clamp(og, 16, 32), block_k=32, block_t=16, num_warps=4)
     if conv_full_blocks(b):  # a (16, 16, 16) accumulator: 94-109 registers (triton 3.6 / 3.9), no spill
         return FisherStatsConfig(block_o=16, block_k=16, block_t=16, num_warps=8)
     block_t = _pow2_clamp(t_size, 16, 64 if conv_k_pad(b) == 64 else 32)
@@ -332,9 +335,10 @@ def _conv_fisher_ema_kernel(
     BLOCK_O: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr, SINGLE_T: tl.constexpr,
     PRECISION: tl.constexpr, FULL: tl.constexpr,
 ):
-    # FULL (B_PAD == 16, i.e. b <= 16): a program owns whole mini-blocks and accumulates the full outer
+    # FULL (B_PAD <= 16, i.e. b <= 16): a program owns whole mini-blocks and accumulates the full outer
     # products G[o, :] G[o, :]^T elementwise (B_PAD^2 = 256 multiply-adds per output and sample, no
     # selection), storing their lower triangles packed; BLOCK_T is unused and there is one T tile.
+    # B_PAD == 1 (1x1 kernels): G by a reduction over the positions instead of a 16-wide tl.dot.
     # Otherwise:
     # Program: input channel c of a group, BLOCK_O output channels, BLOCK_T packed triangle entries.
     # Per sample: the per-sample gradients of the program's mini-blocks, G[o, k] = sum_l g[o, l] u[l, k]
@@ -396,7 +400,10 @@ def _conv_fisher_ema_kernel(
             inside = (i1 >= 0) & (i1 < S1) & (i2 >= 0) & (i2 < S2) & (i3 >= 0) & (i3 < S3)
             x_off = i1.to(tl.int64) * sx_1 + i2.to(tl.int64) * sx_2 + i3.to(tl.int64) * sx_3
             u = tl.load(x_n_ptr + x_off, mask=l_mask[:, None] & k_mask[None, :] & inside, other=0.0)
-            grad = tl.dot(g, u.to(tl.float32), grad, input_precision=PRECISION)
+            if B_PAD == 1:  # 1x1 kernel: G[o] = sum_l g[o, l] u[l], no 16-wide padded dot
+                grad += tl.sum(g[:, :, None] * u.to(tl.float32)[None, :, :], axis=1)
+            else:
+                grad = tl.dot(g, u.to(tl.float32), grad, input_precision=PRECISION)
         if FULL:
             acc += grad[:, :, None] * grad[:, None, :]
         else:
@@ -442,8 +449,8 @@ def conv_fisher_ema_(
     ``x``: the layer input ``(N, C_in, *S)`` with ``d = 1..3`` spatial dims, any strides; ``gout``: the
     gradient w.r.t. the output ``(N, C_out, *L)``, any strides; ``f``: fp32 ``(C_out * C_in/groups,
     prod(K)*(prod(K)+1)//2)`` contiguous. The convolution's geometry as in ``nn.Conv*d``: ``kernel_size``,
-    ``stride``, ``dilation`` (ints or ``d``-tuples), ``padding`` (an int or ``d`` pairs ``(left,
-    right)``), ``padding_mode``. Zero padding is applied by masking inside the kernel; other modes pad
+    ``stride``, ``dilation`` (ints or ``d``-tuples), ``padding`` (an int, ``d`` ints, or ``d`` pairs
+    ``(left, right)``), ``padding_mode``. Zero padding is applied by masking inside the kernel; other modes pad
     ``x`` first. ``config``: tile sizes (default :func:`default_conv_config`). Returns the compiled
     statistics kernel (None under the interpreter).
     """
@@ -453,15 +460,18 @@ def conv_fisher_ema_(
     ks = _int_tuple("kernel_size", kernel_size, d)
     st = _int_tuple("stride", stride, d)
     dl = _int_tuple("dilation", dilation, d)
-    pads = ((padding, padding),) * d if isinstance(padding, int) else tuple(tuple(p) for p in padding)
+    if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+        raise ValueError(f"padding_mode={padding_mode!r} must be 'zeros', 'reflect', 'replicate' or 'circular'")
+    # padding: an int, d ints (symmetric, as nn.Conv*d takes), or d (left, right) pairs
+    if isinstance(padding, int):
+        pads = ((padding, padding),) * d
+    else:
+        pads = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
     if len(pads) != d or any(len(p) != 2 or min(p) < 0 for p in pads) or min(ks + st + dl) < 1:
         raise ValueError(f"invalid geometry: kernel_size={kernel_size}, stride={stride}, padding={padding}, "
                          f"dilation={dilation} for {d} spatial dims")
     if padding_mode != "zeros" and any(lo or hi for lo, hi in pads):
-        mode = {"reflect": "reflect", "replicate": "replicate", "circular": "circular"}.get(padding_mode)
-        if mode is None:
-            raise ValueError(f"padding_mode={padding_mode!r} must be 'zeros', 'reflect', 'replicate' or 'circular'")
-        x = torch.nn.functional.pad(x, [p for lr in reversed(pads) for p in lr], mode=mode)
+        x = torch.nn.functional.pad(x, [p for lr in reversed(pads) for p in lr], mode=padding_mode)
         pads = ((0, 0),) * d
     n, c_in = x.shape[:2]
     c_out = gout.shape[1]

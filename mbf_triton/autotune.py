@@ -66,7 +66,7 @@ __all__ = [
 
 ENV_ENABLE = "MBF_TRITON_AUTOTUNE"
 ENV_CACHE_DIR = "MBF_TRITON_CACHE_DIR"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: conv statistics read x with in-kernel padding, whole blocks for b <= 16, precision
 KERNELS = ("block_update", "linear_stats", "conv_stats")
 MODES = ("auto", "off", "force")
 
@@ -264,8 +264,8 @@ def conv_stats_candidates(og: int, n_l: int, b: int, *, phase: int = 0, best: ob
 
     t_size = b * (b + 1) // 2
     heuristic = default_conv_config(og, n_l, t_size)
-    if conv_full_blocks(b):  # whole blocks per program: no T tile to vary, a (o, 16, 16) accumulator
-        return _stats_candidates(heuristic, 16, og, n_l, 16, phase, best or heuristic)
+    if conv_full_blocks(b):  # whole blocks per program: no T tile to vary, a (o, B_PAD, B_PAD) accumulator
+        return _stats_candidates(heuristic, 16, og, n_l, 1 if b == 1 else 16, phase, best or heuristic)
     return _stats_candidates(heuristic, t_size, og, n_l, 3, phase, best or heuristic)
 
 

@@ -145,6 +145,12 @@ class ConvGeometry:
     dilation: tuple[int, ...]
     padding_mode: str = "zeros"
 
+    def __post_init__(self) -> None:  # tuples, so that a geometry can key a cache
+        object.__setattr__(self, "kernel_size", tuple(int(k) for k in self.kernel_size))
+        object.__setattr__(self, "stride", tuple(int(s) for s in self.stride))
+        object.__setattr__(self, "padding", tuple((int(lo), int(hi)) for lo, hi in self.padding))
+        object.__setattr__(self, "dilation", tuple(int(d) for d in self.dilation))
+
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         """:func:`conv_patches` of ``x`` under this geometry."""
         return conv_patches(x, self.kernel_size, self.stride, self.padding, self.dilation, self.padding_mode)

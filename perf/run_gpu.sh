@@ -25,8 +25,12 @@ for s in "${STAGES[@]}"; do
   case "$s" in tests|solve|step|tune) ;; *) echo "unknown stage '$s' (tests solve step tune)"; exit 2;; esac
 done
 mkdir -p "$OUT"
+OUTPUTS=(summary.md results.tar.gz solve_speedup.png step_time.png autotune.png solve.csv step.csv
+         autotune_summary.csv)
+for f in "${OUTPUTS[@]}"; do rm -f "$OUT/$f"; done  # nothing of an earlier run is mistaken for this one
 LOGS=$(mktemp -d)   # logs, autotune cache
-WORK=$(mktemp -d)   # the stages' CSVs, plots and summaries (never stale files of an earlier run)
+WORK=$(mktemp -d)   # the stages' CSVs, plots and summaries
+trap 'rm -rf "$LOGS" "$WORK"' EXIT
 unset TRITON_INTERPRET
 export MBF_TEST_MODE=full PYTHONUNBUFFERED=1
 # a fresh autotune cache: the sweep and the step benchmark tune from scratch, and nothing stale is trusted
@@ -93,7 +97,7 @@ case "$MBF_TRITON_CACHE_DIR" in "$LOGS"/*) ;; *) cp -r "$MBF_TRITON_CACHE_DIR" "
 cp "$OUT/summary.md" "$WORK/"
 mkdir -p "$WORK/logs" && cp -r "$LOGS"/. "$WORK/logs/"
 tar -czf "$OUT/results.tar.gz" -C "$WORK" .
-for f in solve_speedup.png step_time.png autotune.png solve.csv step.csv autotune_summary.csv; do
+for f in "${OUTPUTS[@]:2}"; do
   [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/"
 done
 for s in "${!RC[@]}"; do [ "${RC[$s]}" -eq 0 ] || exit 1; done

@@ -270,7 +270,8 @@ def test_conv_finite_guard(block_t):
     _assert_close(f, f_ref)
 
 
-@pytest.mark.parametrize("name,block_t", [("2d-k5", 16), ("2d-k5", 64), ("3d-k3", 32), ("2d-k3", 16)])
+@pytest.mark.parametrize("name,block_t", [("2d-k5", 16), ("2d-k5", 64), ("3d-k3", 32), ("2d-k3", 16),
+                                          ("2d-k1", 16)])
 def test_conv_finite_guard_any_path(name, block_t):
     """A NaN in one input channel: exactly the mini-blocks that read it keep their old F, on both kernel
     paths (whole blocks per program for b <= 16, packed-entry tiles otherwise, T tiled or not)."""
@@ -334,6 +335,19 @@ def test_bad_arguments():
                                       decay=0.0)
     with pytest.raises(ValueError, match="padding_mode"):
         fisher_stats.conv_fisher_ema_(fc, xc, gc, **geo, padding_mode="mirror", groups=2, scale=1.0, decay=0.0)
+    with pytest.raises(ValueError, match="padding_mode"):  # checked even where there is no padding
+        fisher_stats.conv_fisher_ema_(fc, xc, gc[:, :, 1:4, 1:4], kernel_size=(3, 3), padding_mode="mirror",
+                                      groups=2, scale=1.0, decay=0.0)
+    # nn.Conv2d's forms of padding: an int, one int per dim, or (left, right) pairs
+    outs = []
+    for padding in (1, (1, 1), ((1, 1), (1, 1))):
+        out = torch.zeros_like(fc)
+        fisher_stats.conv_fisher_ema_(out, xc, gc, kernel_size=(3, 3), padding=padding, groups=2, scale=1.0,
+                                      decay=0.0)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert hash(ref.ConvGeometry([3, 3], [1, 1], [[1, 1], [1, 1]], [1, 1])) == hash(
+        ref.ConvGeometry((3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1)))
 
 
 # ----------------------------------------------------------------------------------------------------
