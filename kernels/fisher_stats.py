@@ -19,6 +19,7 @@ each mini-block (:func:`_guarded_copy_kernel`) applies the guard.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -168,6 +169,34 @@ def _ema_guard_store_blocks(f_ptr, fhat, blk, o_mask, decay, B: tl.constexpr, B_
 
 
 @triton.jit
+def _store_blocks(part_ptr, fhat, blk, o_mask, B: tl.constexpr, B_PAD: tl.constexpr, T: tl.constexpr):
+    """The packed lower triangles of whole ``(BLOCK_O, B_PAD, B_PAD)`` blocks, stored as they are."""
+    p = tl.arange(0, B_PAD)[None, :, None]
+    q = tl.arange(0, B_PAD)[None, None, :]
+    mask = o_mask[:, None, None] & (q <= p) & (p < B)
+    tl.store(part_ptr + blk[:, None, None] * T + p * (p + 1) // 2 + q, fhat, mask=mask)
+
+
+@triton.jit(do_not_specialize=["n_split", "decay"])
+def _split_reduce_ema_kernel(f_ptr, part_ptr, n_blocks, n_split, decay, T: tl.constexpr, BLOCK_R: tl.constexpr,
+                             BLOCK_T: tl.constexpr):
+    """``F <- EMA(F, sum of the partial statistics of the sample splits)`` with the per-block finite guard."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_t = tl.arange(0, BLOCK_T)
+    mask = (rows < n_blocks)[:, None] & (offs_t < T)[None, :]
+    off = rows[:, None] * T + offs_t[None, :]
+    fhat = tl.zeros((BLOCK_R, BLOCK_T), dtype=tl.float32)
+    stride = (n_blocks + tl.zeros([], dtype=tl.int64)) * T  # int64 (n_blocks may be a specialised 1)
+    for sp in range(0, n_split):
+        fhat += tl.load(part_ptr + sp * stride + off, mask=mask, other=0.0)
+    old = tl.load(f_ptr + off, mask=mask, other=0.0)
+    lerp = tl.where(decay < 0.5, fhat + decay * (old - fhat), old - (old - fhat) * (1.0 - decay))
+    new = tl.where(decay == 0.0, fhat, lerp)
+    bad = tl.sum(tl.where(mask & ~(tl.abs(new) <= _FLT_MAX), 1, 0), axis=1)
+    tl.store(f_ptr + off, new, mask=mask & (bad == 0)[:, None])
+
+
+@triton.jit
 def _guarded_copy_kernel(f_ptr, new_ptr, n_blocks, T: tl.constexpr, BLOCK_R: tl.constexpr,
                          BLOCK_T: tl.constexpr):
     """``F[i] = new[i]`` for every mini-block ``i`` whose new value is finite (used when T is tiled)."""
@@ -189,6 +218,31 @@ def _finish(f: torch.Tensor, new: torch.Tensor | None, t_size: int) -> None:
     _guarded_copy_kernel[(triton.cdiv(n_blocks, block_r),)](
         f, new, n_blocks, T=t_size, BLOCK_R=block_r, BLOCK_T=block_t, num_warps=4
     )
+
+
+def _finish_split(f: torch.Tensor, parts: torch.Tensor, t_size: int, decay: float) -> None:
+    n_blocks = f.shape[0]
+    block_t = triton.next_power_of_2(t_size)
+    block_r = max(1, min(16, 4096 // block_t))
+    _split_reduce_ema_kernel[(triton.cdiv(n_blocks, block_r),)](
+        f, parts, n_blocks, parts.shape[0], float(decay), T=t_size, BLOCK_R=block_r, BLOCK_T=block_t, num_warps=4
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sample_split(n: int, programs: int, device: torch.device) -> int:
+    """How many programs share the samples of one tile (partial sums, reduced deterministically after):
+    enough for about 4 programs per SM on a GPU; 1 elsewhere. A layer with few output x input channel
+    tiles (ResNet-32's first stage: 16 programs) would otherwise loop over the whole batch in a handful of
+    programs while the rest of the GPU idles."""
+    if device.type != "cuda" or n <= 1:
+        return 1
+    target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(n, -(-target // max(programs, 1))))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -324,21 +378,24 @@ def linear_fisher_ema_(
 # ----------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["N", "scale2_over_n", "decay"])
+@triton.jit(do_not_specialize=["N", "chunk", "scale2_over_n", "decay"])
 def _conv_fisher_ema_kernel(
     f_ptr, new_ptr, x_ptr, g_ptr,
-    N, Cg, Og, L, L2, L3, K2, K3, scale2_over_n, decay,
+    N, chunk, n_t_tiles, n_blocks, Cg, Og, L, L2, L3, K2, K3, scale2_over_n, decay,
     S1, S2, S3, st1, st2, st3, dl1, dl2, dl3, p1, p2, p3,
     sx_n, sx_c, sx_1, sx_2, sx_3,
     sg_n, sg_o, sg_l1, sg_l2, sg_l3,
     B: tl.constexpr, B_PAD: tl.constexpr, T: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr, SINGLE_T: tl.constexpr,
-    PRECISION: tl.constexpr, FULL: tl.constexpr,
+    PRECISION: tl.constexpr, FULL: tl.constexpr, SPLIT: tl.constexpr,
 ):
     # FULL (B_PAD <= 16, i.e. b <= 16): a program owns whole mini-blocks and accumulates the full outer
     # products G[o, :] G[o, :]^T elementwise (B_PAD^2 = 256 multiply-adds per output and sample, no
     # selection), storing their lower triangles packed; BLOCK_T is unused and there is one T tile.
     # B_PAD == 1 (1x1 kernels): G by a reduction over the positions instead of a 16-wide tl.dot.
+    # SPLIT: the batch is cut into chunks of `chunk` samples, one per program along grid axis 2, each
+    # storing its partial sum to new_ptr[split] (raw); _split_reduce_ema_kernel adds them up and applies
+    # the EMA and the guard.
     # Otherwise:
     # Program: input channel c of a group, BLOCK_O output channels, BLOCK_T packed triangle entries.
     # Per sample: the per-sample gradients of the program's mini-blocks, G[o, k] = sum_l g[o, l] u[l, k]
@@ -350,7 +407,10 @@ def _conv_fisher_ema_kernel(
     # 2*L*BLOCK_T of expanding every packed entry over the positions.
     pid_o = tl.program_id(0)  # (group, tile of output channels in the group)
     c = tl.program_id(1)  # input channel inside the group
-    tt = tl.program_id(2)  # tile of packed triangle entries
+    tt = tl.program_id(2) % n_t_tiles  # tile of packed triangle entries
+    sp = tl.program_id(2) // n_t_tiles  # chunk of samples
+    n_start = sp * chunk
+    n_end = tl.minimum(N, n_start + chunk)
     n_o_tiles = tl.cdiv(Og, BLOCK_O)
     grp = pid_o // n_o_tiles
     ot = pid_o % n_o_tiles
@@ -381,9 +441,9 @@ def _conv_fisher_ema_kernel(
         acc = tl.zeros((BLOCK_O, B_PAD, B_PAD), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_O, BLOCK_T), dtype=tl.float32)
-    x_n_ptr = x_c_ptr  # sample pointers advance by one stride per sample: no n * stride product
-    g_n_ptr = g_ptr
-    for _n in range(0, N):
+    x_n_ptr = x_c_ptr + n_start.to(tl.int64) * sx_n  # advanced by one stride per sample below
+    g_n_ptr = g_ptr + n_start.to(tl.int64) * sg_n
+    for _n in range(n_start, n_end):
         grad = tl.zeros((BLOCK_O, B_PAD), dtype=tl.float32)  # per-sample gradients of the blocks (o, c)
         for l0 in range(0, L, BLOCK_L):
             offs_l = l0 + tl.arange(0, BLOCK_L)
@@ -415,7 +475,13 @@ def _conv_fisher_ema_kernel(
 
     fhat = acc * scale2_over_n
     blk = offs_o * Cg + c
-    if FULL:
+    if SPLIT:
+        part_ptr = new_ptr + sp.to(tl.int64) * n_blocks * T
+        if FULL:
+            _store_blocks(part_ptr, fhat, blk, o_mask, B, B_PAD, T)
+        else:
+            tl.store(part_ptr + blk[:, None] * T + offs_t[None, :], fhat, mask=o_mask[:, None] & t_mask[None, :])
+    elif FULL:
         _ema_guard_store_blocks(f_ptr, fhat, blk, o_mask, decay, B, B_PAD, T)
     else:
         _ema_guard_store(f_ptr, new_ptr, fhat, blk, offs_t, o_mask, t_mask, decay, T, SINGLE_T)
@@ -442,6 +508,7 @@ def conv_fisher_ema_(
     dilation: int | tuple[int, ...] = 1,
     padding_mode: str = "zeros",
     config: FisherStatsConfig | None = None,
+    samples_split: int | None = None,
 ):
     """``F <- EMA(F, conv_fisher(conv_patches(x, ...), gout, groups, scale), decay)`` in place, with the
     finite guard.
@@ -451,8 +518,9 @@ def conv_fisher_ema_(
     prod(K)*(prod(K)+1)//2)`` contiguous. The convolution's geometry as in ``nn.Conv*d``: ``kernel_size``,
     ``stride``, ``dilation`` (ints or ``d``-tuples), ``padding`` (an int, ``d`` ints, or ``d`` pairs
     ``(left, right)``), ``padding_mode``. Zero padding is applied by masking inside the kernel; other modes pad
-    ``x`` first. ``config``: tile sizes (default :func:`default_conv_config`). Returns the compiled
-    statistics kernel (None under the interpreter).
+    ``x`` first. ``config``: tile sizes (default :func:`default_conv_config`). ``samples_split``: how many
+    programs share the batch of one tile (default :func:`sample_split`: ~4 programs per SM on a GPU).
+    Returns the compiled statistics kernel (None under the interpreter).
     """
     _check_float("x", x, (3, 4, 5))
     d = x.dim() - 2
@@ -506,18 +574,31 @@ def conv_fisher_ema_(
     full = conv_full_blocks(b)
     n_t_tiles = 1 if full else triton.cdiv(t_size, config.block_t)
     single = n_t_tiles == 1
-    new = None if single else torch.empty_like(f)
-    grid = (groups * triton.cdiv(og, config.block_o), cg, n_t_tiles)
+    grid_o = groups * triton.cdiv(og, config.block_o)
+    n_split = sample_split(n, grid_o * cg * n_t_tiles, x.device) if samples_split is None else samples_split
+    if isinstance(n_split, bool) or not isinstance(n_split, int) or n_split < 1:
+        raise ValueError(f"samples_split={samples_split!r} must be an int >= 1")
+    chunk = -(-n // min(n_split, n))
+    n_split = -(-n // chunk)  # no empty chunks
+    if n_split > 1:
+        new = torch.empty((n_split, *f.shape), dtype=f.dtype, device=f.device)
+    else:
+        new = None if single else torch.empty_like(f)
+    grid = (grid_o, cg, n_t_tiles * n_split)
     compiled = _conv_fisher_ema_kernel[grid](
         f, f if new is None else new, x, gout,
-        n, cg, og, n_l, ls[1], ls[2], ks3[1], ks3[2], float(scale) * float(scale) / n, float(decay),
+        n, chunk, n_t_tiles, f.shape[0], cg, og, n_l, ls[1], ls[2], ks3[1], ks3[2],
+        float(scale) * float(scale) / n, float(decay),
         *geometry,
         x.stride(0), x.stride(1), *sx,
         gout.stride(0), gout.stride(1), *sg_l,
         B=b, B_PAD=conv_k_pad(b), T=t_size,
         BLOCK_O=config.block_o, BLOCK_L=config.block_k, BLOCK_T=config.block_t, SINGLE_T=single,
-        PRECISION=config.precision, FULL=full,
+        PRECISION=config.precision, FULL=full, SPLIT=n_split > 1,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    _finish(f, new, t_size)
+    if n_split > 1:
+        _finish_split(f, new, t_size, decay)
+    else:
+        _finish(f, new, t_size)
     return compiled

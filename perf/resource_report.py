@@ -48,13 +48,13 @@ LINEAR_SIG = {
 }
 CONV_SIG = {
     "f_ptr": _F, "new_ptr": _F, "x_ptr": _F, "g_ptr": _F,
-    **{n: "i32" for n in ("N", "Cg", "Og", "L", "L2", "L3", "K2", "K3")},
+    **{n: "i32" for n in ("N", "chunk", "n_t_tiles", "n_blocks", "Cg", "Og", "L", "L2", "L3", "K2", "K3")},
     "scale2_over_n": "fp32", "decay": "fp32",
     **{n: "i32" for n in ("S1", "S2", "S3", "st1", "st2", "st3", "dl1", "dl2", "dl3", "p1", "p2", "p3")},
     **{n: "i64" for n in ("sx_n", "sx_c", "sx_1", "sx_2", "sx_3", "sg_n", "sg_o", "sg_l1", "sg_l2", "sg_l3")},
     "B": "constexpr", "B_PAD": "constexpr", "T": "constexpr",
     "BLOCK_O": "constexpr", "BLOCK_L": "constexpr", "BLOCK_T": "constexpr", "SINGLE_T": "constexpr",
-    "PRECISION": "constexpr", "FULL": "constexpr",
+    "PRECISION": "constexpr", "FULL": "constexpr", "SPLIT": "constexpr",
 }
 
 
@@ -103,17 +103,18 @@ def rows(quick: bool) -> list[tuple[str, str, dict]]:
                       {"B": b, "T": t, "BLOCK_O": c.block_o, "BLOCK_M": c.block_k, "BLOCK_T": c.block_t,
                        "SINGLE_T": t <= c.block_t, "PRECISION": c.precision}, c.num_warps, c.num_stages)
         out.append(("linear_stats", f"b={b} out={n_out} {c}", r))
-    for b, og, n_l, precision in (((9, 64, 1024, "ieee"),) if quick else (
-            (1, 256, 64, "ieee"), (9, 64, 1024, "ieee"), (9, 512, 16, "ieee"), (27, 64, 512, "ieee"),
-            (49, 64, 256, "ieee"), (9, 64, 1024, "tf32x3"))):
+    for b, og, n_l, precision, split in (((9, 64, 1024, "ieee", False),) if quick else (
+            (1, 256, 64, "ieee", False), (9, 64, 1024, "ieee", False), (9, 512, 16, "ieee", False),
+            (27, 64, 512, "ieee", False), (49, 64, 256, "ieee", False), (9, 64, 1024, "tf32x3", False),
+            (9, 16, 1024, "ieee", True), (27, 64, 512, "ieee", True))):
         t = b * (b + 1) // 2
         c = dataclasses.replace(fs.default_conv_config(og, n_l, t), precision=precision)
         r = resources(fs._conv_fisher_ema_kernel, CONV_SIG,
                       {"B": b, "B_PAD": fs.conv_k_pad(b), "T": t, "BLOCK_O": c.block_o, "BLOCK_L": c.block_k,
                        "BLOCK_T": c.block_t, "SINGLE_T": t <= c.block_t or fs.conv_full_blocks(b),
-                       "PRECISION": c.precision, "FULL": fs.conv_full_blocks(b)},
+                       "PRECISION": c.precision, "FULL": fs.conv_full_blocks(b), "SPLIT": split},
                       c.num_warps, c.num_stages)
-        out.append(("conv_stats", f"b={b} out/group={og} positions={n_l} {c}", r))
+        out.append(("conv_stats", f"b={b} out/group={og} positions={n_l}{' split' if split else ''} {c}", r))
     return out
 
 

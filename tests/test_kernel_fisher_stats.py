@@ -146,7 +146,7 @@ def _conv_inputs(case, n, dtype, device, gen, channels_last=False, c_scale=1):
     return x, u, g
 
 
-def _check_conv_two_steps(case, dtype, n, config=None, channels_last=False, c_scale=1, scale=0.5):
+def _check_conv_two_steps(case, dtype, n, config=None, channels_last=False, c_scale=1, scale=0.5, split=None):
     device = kernel_device()
     ks, _, _, _, c_in, c_out, groups, _ = case
     gen = torch.Generator().manual_seed(7 + sum(ks) + c_in)
@@ -157,7 +157,7 @@ def _check_conv_two_steps(case, dtype, n, config=None, channels_last=False, c_sc
     for decay in (0.0, 0.9):
         x, u, g = _conv_inputs(case, n, dtype, device, gen, channels_last, c_scale)
         fisher_stats.conv_fisher_ema_(f, x, g, **_geometry(case), groups=groups, scale=scale, decay=decay,
-                                      config=config)
+                                      config=config, samples_split=split)
         ref.fisher_ema_(f_ref, ref.conv_fisher(u.double(), g.double(), groups, scale), decay)
         assert torch.isfinite(f).all()
         _assert_close(f, f_ref)
@@ -181,6 +181,15 @@ def test_conv_padding_modes(mode):
     fisher_stats.conv_fisher_ema_(f, x, g, kernel_size=ks, stride=stride, padding=padding, dilation=dilation,
                                   padding_mode=mode, groups=2, scale=0.7, decay=0.0)
     _assert_close(f, ref.conv_fisher(u.double(), g.double(), 2, 0.7).float())
+
+
+@pytest.mark.parametrize("split", [2, 3, 5, 9])
+@pytest.mark.parametrize("name,block_t", [("2d-k3", 16), ("2d-k5", 16), ("2d-k1", 16), ("3d-k3", 64)])
+def test_conv_samples_split(name, block_t, split):
+    """The batch cut into chunks, one per program, partial sums reduced after (a GPU does this for layers
+    with few channel tiles): whole-block, T-tiled, 1x1 and 3-D paths; 9 > N = 5 samples clamps."""
+    cfg = FisherStatsConfig(block_o=16, block_k=16, block_t=block_t)
+    _check_conv_two_steps(CONV_CASES[name], torch.float32, n=5, config=cfg, split=split)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -270,9 +279,10 @@ def test_conv_finite_guard(block_t):
     _assert_close(f, f_ref)
 
 
+@pytest.mark.parametrize("split", [1, 2])
 @pytest.mark.parametrize("name,block_t", [("2d-k5", 16), ("2d-k5", 64), ("3d-k3", 32), ("2d-k3", 16),
                                           ("2d-k1", 16)])
-def test_conv_finite_guard_any_path(name, block_t):
+def test_conv_finite_guard_any_path(name, block_t, split):
     """A NaN in one input channel: exactly the mini-blocks that read it keep their old F, on both kernel
     paths (whole blocks per program for b <= 16, packed-entry tiles otherwise, T tiled or not)."""
     device = kernel_device()
@@ -288,7 +298,8 @@ def test_conv_finite_guard_any_path(name, block_t):
     f0 = torch.rand(c_out * (c_in // groups), ref.tril_size(b), generator=gen).to(device)
     f = f0.clone()
     cfg = FisherStatsConfig(block_o=16, block_k=16, block_t=block_t)
-    fisher_stats.conv_fisher_ema_(f, x, g, **_geometry(case), groups=groups, scale=1.0, decay=0.3, config=cfg)
+    fisher_stats.conv_fisher_ema_(f, x, g, **_geometry(case), groups=groups, scale=1.0, decay=0.3, config=cfg,
+                                  samples_split=split)
     fhat = ref.conv_fisher(u.double(), g.double(), groups, 1.0)
     bad = ~torch.isfinite(fhat).all(dim=1)
     assert bad.any() and not bad.all()
@@ -335,6 +346,8 @@ def test_bad_arguments():
                                       decay=0.0)
     with pytest.raises(ValueError, match="padding_mode"):
         fisher_stats.conv_fisher_ema_(fc, xc, gc, **geo, padding_mode="mirror", groups=2, scale=1.0, decay=0.0)
+    with pytest.raises(ValueError, match="samples_split"):
+        fisher_stats.conv_fisher_ema_(fc, xc, gc, **geo, groups=2, scale=1.0, decay=0.0, samples_split=0)
     with pytest.raises(ValueError, match="padding_mode"):  # checked even where there is no padding
         fisher_stats.conv_fisher_ema_(fc, xc, gc[:, :, 1:4, 1:4], kernel_size=(3, 3), padding_mode="mirror",
                                       groups=2, scale=1.0, decay=0.0)
