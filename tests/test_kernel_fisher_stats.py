@@ -416,3 +416,15 @@ def test_no_recompilation_on_decay_and_scale():
                                       decay=decay)
     assert _n_compiled(fisher_stats._linear_fisher_ema_kernel) == lin
     assert _n_compiled(fisher_stats._conv_fisher_ema_kernel) == conv
+
+
+def test_sample_split_heuristic(monkeypatch):
+    """About 4 programs per SM on a GPU (here a pretend 132-SM device), never more splits than samples,
+    no split on the CPU."""
+    monkeypatch.setattr(fisher_stats, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    assert fisher_stats.sample_split(128, 16, cuda) == 33  # ResNet-32 stage 1: 16 programs
+    assert fisher_stats.sample_split(128, 256, cuda) == 3
+    assert fisher_stats.sample_split(128, 16384, cuda) == 1  # VGG-16's wide layers fill the GPU alone
+    assert fisher_stats.sample_split(5, 16, cuda) == 5
+    assert fisher_stats.sample_split(128, 16, torch.device("cpu")) == 1
