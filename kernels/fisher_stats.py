@@ -11,10 +11,11 @@ non-finite entry keeps its old value), exactly as :func:`mbf_triton.reference.fi
   gradients (:func:`mbf_triton.reference.conv_fisher`), read from the layer input itself (zero padding
   masked, never materialised). Per-sample gradients only exist in registers.
 
-``F`` is fp32 ``(n_blocks, T)``, ``T = b*(b+1)//2``, the packed lower triangle row by row. Packed
-columns are processed in tiles of ``BLOCK_T``; when one tile covers ``T`` the finite guard is applied
-in the statistics kernel itself, otherwise the new values go to a scratch buffer and a second pass over
-each mini-block (:func:`_guarded_copy_kernel`) applies the guard.
+``F`` is fp32 ``(n_blocks, T)``, ``T = b*(b+1)//2``, the packed lower triangle row by row. When one
+program sees whole mini-blocks and the whole batch, the EMA and the finite guard are applied in the
+statistics kernel itself. Otherwise (packed columns tiled by ``BLOCK_T``, or the batch split across
+programs) each program stores its raw partial statistic to a scratch buffer and one pass over each
+mini-block (:func:`_partials_ema_kernel`) adds the partials in a fixed order and applies both.
 """
 
 from __future__ import annotations
@@ -135,52 +136,53 @@ def _tril_row_col(t):
 
 
 @triton.jit
-def _ema_guard_store(f_ptr, new_ptr, fhat, blk, offs_t, o_mask, t_mask, decay,
-                     T: tl.constexpr, SINGLE_T: tl.constexpr):
-    """EMA of a ``(BLOCK_O, BLOCK_T)`` tile of mini-blocks ``blk`` (int64, one per row)."""
-    mask = o_mask[:, None] & t_mask[None, :]
-    off = blk[:, None] * T + offs_t[None, :]
-    old = tl.load(f_ptr + off, mask=mask, other=0.0)
-    # torch.lerp(fhat, old, decay), same two-sided formula; decay == 0: the old value (possibly
-    # garbage) must not leak in, hence a select, not arithmetic
+def _ema(fhat, old, decay):
+    """torch.lerp(fhat, old, decay), the same two-sided formula; decay == 0: the old value (possibly
+    garbage) must not leak in, hence a select, not arithmetic."""
     lerp = tl.where(decay < 0.5, fhat + decay * (old - fhat), old - (old - fhat) * (1.0 - decay))
-    new = tl.where(decay == 0.0, fhat, lerp)
-    if SINGLE_T:
-        bad = tl.sum(tl.where(mask & ~(tl.abs(new) <= _FLT_MAX), 1, 0), axis=1)
-        tl.store(f_ptr + off, tl.where(bad[:, None] == 0, new, old), mask=mask)
-    else:
-        tl.store(new_ptr + off, new, mask=mask)
+    return tl.where(decay == 0.0, fhat, lerp)
 
 
 @triton.jit
-def _ema_guard_store_blocks(f_ptr, fhat, blk, o_mask, decay, B: tl.constexpr, B_PAD: tl.constexpr,
-                            T: tl.constexpr):
-    """EMA and finite guard of whole mini-blocks ``blk`` given as full ``(BLOCK_O, B_PAD, B_PAD)`` tiles:
-    the lower triangle ``q <= p < B`` goes to packed entry ``p*(p+1)//2 + q``."""
+def _ema_guard_store(f_ptr, part_ptr, fhat, blk, offs_t, o_mask, t_mask, decay,
+                     T: tl.constexpr, PARTIAL: tl.constexpr):
+    """A ``(BLOCK_O, BLOCK_T)`` tile of mini-blocks ``blk`` (int64, one per row) holding whole blocks:
+    EMA and guard into ``F``; or, ``PARTIAL``, its raw statistic to ``part_ptr`` (same layout)."""
+    mask = o_mask[:, None] & t_mask[None, :]
+    off = blk[:, None] * T + offs_t[None, :]
+    if PARTIAL:
+        tl.store(part_ptr + off, fhat, mask=mask)
+    else:
+        old = tl.load(f_ptr + off, mask=mask, other=0.0)
+        new = _ema(fhat, old, decay)
+        bad = tl.sum(tl.where(mask & ~(tl.abs(new) <= _FLT_MAX), 1, 0), axis=1)
+        tl.store(f_ptr + off, tl.where(bad[:, None] == 0, new, old), mask=mask)
+
+
+@triton.jit
+def _ema_guard_store_blocks(f_ptr, part_ptr, fhat, blk, o_mask, decay, B: tl.constexpr, B_PAD: tl.constexpr,
+                            T: tl.constexpr, PARTIAL: tl.constexpr):
+    """Whole mini-blocks ``blk`` given as full ``(BLOCK_O, B_PAD, B_PAD)`` tiles, their lower triangles
+    ``q <= p < B`` at packed entries ``p*(p+1)//2 + q``: EMA and guard into ``F``, or, ``PARTIAL``, the raw
+    statistic to ``part_ptr``."""
     p = tl.arange(0, B_PAD)[None, :, None]
     q = tl.arange(0, B_PAD)[None, None, :]
     mask = o_mask[:, None, None] & (q <= p) & (p < B)
     off = blk[:, None, None] * T + p * (p + 1) // 2 + q
-    old = tl.load(f_ptr + off, mask=mask, other=0.0)
-    lerp = tl.where(decay < 0.5, fhat + decay * (old - fhat), old - (old - fhat) * (1.0 - decay))
-    new = tl.where(decay == 0.0, fhat, lerp)
-    bad = tl.sum(tl.sum(tl.where(mask & ~(tl.abs(new) <= _FLT_MAX), 1, 0), axis=2), axis=1)
-    tl.store(f_ptr + off, tl.where(bad[:, None, None] == 0, new, old), mask=mask)
-
-
-@triton.jit
-def _store_blocks(part_ptr, fhat, blk, o_mask, B: tl.constexpr, B_PAD: tl.constexpr, T: tl.constexpr):
-    """The packed lower triangles of whole ``(BLOCK_O, B_PAD, B_PAD)`` blocks, stored as they are."""
-    p = tl.arange(0, B_PAD)[None, :, None]
-    q = tl.arange(0, B_PAD)[None, None, :]
-    mask = o_mask[:, None, None] & (q <= p) & (p < B)
-    tl.store(part_ptr + blk[:, None, None] * T + p * (p + 1) // 2 + q, fhat, mask=mask)
+    if PARTIAL:
+        tl.store(part_ptr + off, fhat, mask=mask)
+    else:
+        old = tl.load(f_ptr + off, mask=mask, other=0.0)
+        new = _ema(fhat, old, decay)
+        bad = tl.sum(tl.sum(tl.where(mask & ~(tl.abs(new) <= _FLT_MAX), 1, 0), axis=2), axis=1)
+        tl.store(f_ptr + off, tl.where(bad[:, None, None] == 0, new, old), mask=mask)
 
 
 @triton.jit(do_not_specialize=["n_split", "decay"])
-def _split_reduce_ema_kernel(f_ptr, part_ptr, n_blocks, n_split, decay, T: tl.constexpr, BLOCK_R: tl.constexpr,
-                             BLOCK_T: tl.constexpr):
-    """``F <- EMA(F, sum of the partial statistics of the sample splits)`` with the per-block finite guard."""
+def _partials_ema_kernel(f_ptr, part_ptr, n_blocks, n_split, decay, T: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_T: tl.constexpr):
+    """``F <- EMA(F, sum of the partial statistics)`` with the per-block finite guard: the second pass when
+    the statistics kernel tiled the packed columns or split the batch."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_t = tl.arange(0, BLOCK_T)
     mask = (rows < n_blocks)[:, None] & (offs_t < T)[None, :]
@@ -190,41 +192,19 @@ def _split_reduce_ema_kernel(f_ptr, part_ptr, n_blocks, n_split, decay, T: tl.co
     for sp in range(0, n_split):
         fhat += tl.load(part_ptr + sp * stride + off, mask=mask, other=0.0)
     old = tl.load(f_ptr + off, mask=mask, other=0.0)
-    lerp = tl.where(decay < 0.5, fhat + decay * (old - fhat), old - (old - fhat) * (1.0 - decay))
-    new = tl.where(decay == 0.0, fhat, lerp)
+    new = _ema(fhat, old, decay)
     bad = tl.sum(tl.where(mask & ~(tl.abs(new) <= _FLT_MAX), 1, 0), axis=1)
     tl.store(f_ptr + off, new, mask=mask & (bad == 0)[:, None])
 
 
-@triton.jit
-def _guarded_copy_kernel(f_ptr, new_ptr, n_blocks, T: tl.constexpr, BLOCK_R: tl.constexpr,
-                         BLOCK_T: tl.constexpr):
-    """``F[i] = new[i]`` for every mini-block ``i`` whose new value is finite (used when T is tiled)."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_t = tl.arange(0, BLOCK_T)
-    mask = (rows < n_blocks)[:, None] & (offs_t < T)[None, :]
-    off = rows[:, None] * T + offs_t[None, :]
-    new = tl.load(new_ptr + off, mask=mask, other=0.0)
-    bad = tl.sum(tl.where(mask & ~(tl.abs(new) <= _FLT_MAX), 1, 0), axis=1)
-    tl.store(f_ptr + off, new, mask=mask & (bad == 0)[:, None])
-
-
-def _finish(f: torch.Tensor, new: torch.Tensor | None, t_size: int) -> None:
-    if new is None:
+def _finish(f: torch.Tensor, parts: torch.Tensor | None, t_size: int, decay: float) -> None:
+    """The second pass over ``F`` when the statistics kernel stored partials (``parts``: ``(n, *f.shape)``)."""
+    if parts is None:
         return
     n_blocks = f.shape[0]
     block_t = triton.next_power_of_2(t_size)
     block_r = max(1, min(16, 4096 // block_t))
-    _guarded_copy_kernel[(triton.cdiv(n_blocks, block_r),)](
-        f, new, n_blocks, T=t_size, BLOCK_R=block_r, BLOCK_T=block_t, num_warps=4
-    )
-
-
-def _finish_split(f: torch.Tensor, parts: torch.Tensor, t_size: int, decay: float) -> None:
-    n_blocks = f.shape[0]
-    block_t = triton.next_power_of_2(t_size)
-    block_r = max(1, min(16, 4096 // block_t))
-    _split_reduce_ema_kernel[(triton.cdiv(n_blocks, block_r),)](
+    _partials_ema_kernel[(triton.cdiv(n_blocks, block_r),)](
         f, parts, n_blocks, parts.shape[0], float(decay), T=t_size, BLOCK_R=block_r, BLOCK_T=block_t, num_warps=4
     )
 
@@ -252,11 +232,11 @@ def sample_split(n: int, programs: int, device: torch.device) -> int:
 
 @triton.jit(do_not_specialize=["M", "scale2_over_m", "decay"])
 def _linear_fisher_ema_kernel(
-    f_ptr, new_ptr, x_ptr, g_ptr,
+    f_ptr, part_ptr, x_ptr, g_ptr,
     M, n_in, n_out, n_chunks, scale2_over_m, decay,
     s_xm, s_xi, s_gm, s_go,
     B: tl.constexpr, T: tl.constexpr,
-    BLOCK_O: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, SINGLE_T: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, PARTIAL: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid_jt = tl.program_id(0)  # (chunk, tile of the packed triangle): can exceed 65535, so axis 0
@@ -292,7 +272,7 @@ def _linear_fisher_ema_kernel(
 
     fhat = acc * scale2_over_m
     blk = offs_o * n_chunks + j
-    _ema_guard_store(f_ptr, new_ptr, fhat, blk, offs_t, o_mask, t_mask, decay, T, SINGLE_T)
+    _ema_guard_store(f_ptr, part_ptr, fhat, blk, offs_t, o_mask, t_mask, decay, T, PARTIAL)
 
 
 def _check_f(f: torch.Tensor, n_blocks: int, t_size: int, device: torch.device) -> None:
@@ -357,19 +337,18 @@ def linear_fisher_ema_(
     if config is None:
         config = default_linear_config(n_out, t_size)
     n_t_tiles = triton.cdiv(t_size, config.block_t)
-    single = n_t_tiles == 1
-    new = None if single else torch.empty_like(f)
+    parts = None if n_t_tiles == 1 else torch.empty((1, *f.shape), dtype=f.dtype, device=f.device)
     grid = (n_chunks * n_t_tiles, triton.cdiv(n_out, config.block_o))
     compiled = _linear_fisher_ema_kernel[grid](
-        f, f if new is None else new, x, gout,
+        f, f if parts is None else parts, x, gout,
         m, n_in, n_out, n_chunks, float(scale) * float(scale) / m, float(decay),
         x.stride(0), x.stride(1), gout.stride(0), gout.stride(1),
         B=b, T=t_size,
-        BLOCK_O=config.block_o, BLOCK_M=config.block_k, BLOCK_T=config.block_t, SINGLE_T=single,
+        BLOCK_O=config.block_o, BLOCK_M=config.block_k, BLOCK_T=config.block_t, PARTIAL=parts is not None,
         PRECISION=config.precision,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    _finish(f, new, t_size)
+    _finish(f, parts, t_size, decay)
     return compiled
 
 
@@ -380,22 +359,22 @@ def linear_fisher_ema_(
 
 @triton.jit(do_not_specialize=["N", "chunk", "scale2_over_n", "decay"])
 def _conv_fisher_ema_kernel(
-    f_ptr, new_ptr, x_ptr, g_ptr,
+    f_ptr, part_ptr, x_ptr, g_ptr,
     N, chunk, n_t_tiles, n_blocks, Cg, Og, L, L2, L3, K2, K3, scale2_over_n, decay,
     S1, S2, S3, st1, st2, st3, dl1, dl2, dl3, p1, p2, p3,
     sx_n, sx_c, sx_1, sx_2, sx_3,
     sg_n, sg_o, sg_l1, sg_l2, sg_l3,
     B: tl.constexpr, B_PAD: tl.constexpr, T: tl.constexpr,
-    BLOCK_O: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr, SINGLE_T: tl.constexpr,
-    PRECISION: tl.constexpr, FULL: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr,
+    PRECISION: tl.constexpr, FULL: tl.constexpr, PARTIAL: tl.constexpr,
 ):
     # FULL (B_PAD <= 16, i.e. b <= 16): a program owns whole mini-blocks and accumulates the full outer
     # products G[o, :] G[o, :]^T elementwise (B_PAD^2 = 256 multiply-adds per output and sample, no
     # selection), storing their lower triangles packed; BLOCK_T is unused and there is one T tile.
     # B_PAD == 1 (1x1 kernels): G by a reduction over the positions instead of a 16-wide tl.dot.
-    # SPLIT: the batch is cut into chunks of `chunk` samples, one per program along grid axis 2, each
-    # storing its partial sum to new_ptr[split] (raw); _split_reduce_ema_kernel adds them up and applies
-    # the EMA and the guard.
+    # The batch may be cut into chunks of `chunk` samples, one per program along grid axis 2. PARTIAL (T
+    # tiled or batch split): each program stores its raw partial sum to part_ptr[chunk]; _partials_ema_kernel
+    # adds them up and applies the EMA and the guard.
     # Otherwise:
     # Program: input channel c of a group, BLOCK_O output channels, BLOCK_T packed triangle entries.
     # Per sample: the per-sample gradients of the program's mini-blocks, G[o, k] = sum_l g[o, l] u[l, k]
@@ -475,16 +454,11 @@ def _conv_fisher_ema_kernel(
 
     fhat = acc * scale2_over_n
     blk = offs_o * Cg + c
-    if SPLIT:
-        part_ptr = new_ptr + sp.to(tl.int64) * n_blocks * T
-        if FULL:
-            _store_blocks(part_ptr, fhat, blk, o_mask, B, B_PAD, T)
-        else:
-            tl.store(part_ptr + blk[:, None] * T + offs_t[None, :], fhat, mask=o_mask[:, None] & t_mask[None, :])
-    elif FULL:
-        _ema_guard_store_blocks(f_ptr, fhat, blk, o_mask, decay, B, B_PAD, T)
+    part = part_ptr + sp.to(tl.int64) * n_blocks * T
+    if FULL:
+        _ema_guard_store_blocks(f_ptr, part, fhat, blk, o_mask, decay, B, B_PAD, T, PARTIAL)
     else:
-        _ema_guard_store(f_ptr, new_ptr, fhat, blk, offs_t, o_mask, t_mask, decay, T, SINGLE_T)
+        _ema_guard_store(f_ptr, part, fhat, blk, offs_t, o_mask, t_mask, decay, T, PARTIAL)
 
 
 def _int_tuple(name: str, value, d: int) -> tuple[int, ...]:
@@ -573,32 +547,26 @@ def conv_fisher_ema_(
         config = default_conv_config(og, n_l, t_size)
     full = conv_full_blocks(b)
     n_t_tiles = 1 if full else triton.cdiv(t_size, config.block_t)
-    single = n_t_tiles == 1
     grid_o = groups * triton.cdiv(og, config.block_o)
     n_split = sample_split(n, grid_o * cg * n_t_tiles, x.device) if samples_split is None else samples_split
     if isinstance(n_split, bool) or not isinstance(n_split, int) or n_split < 1:
         raise ValueError(f"samples_split={samples_split!r} must be an int >= 1")
     chunk = -(-n // min(n_split, n))
     n_split = -(-n // chunk)  # no empty chunks
-    if n_split > 1:
-        new = torch.empty((n_split, *f.shape), dtype=f.dtype, device=f.device)
-    else:
-        new = None if single else torch.empty_like(f)
+    partial = n_split > 1 or n_t_tiles > 1
+    parts = torch.empty((n_split, *f.shape), dtype=f.dtype, device=f.device) if partial else None
     grid = (grid_o, cg, n_t_tiles * n_split)
     compiled = _conv_fisher_ema_kernel[grid](
-        f, f if new is None else new, x, gout,
+        f, f if parts is None else parts, x, gout,
         n, chunk, n_t_tiles, f.shape[0], cg, og, n_l, ls[1], ls[2], ks3[1], ks3[2],
         float(scale) * float(scale) / n, float(decay),
         *geometry,
         x.stride(0), x.stride(1), *sx,
         gout.stride(0), gout.stride(1), *sg_l,
         B=b, B_PAD=conv_k_pad(b), T=t_size,
-        BLOCK_O=config.block_o, BLOCK_L=config.block_k, BLOCK_T=config.block_t, SINGLE_T=single,
-        PRECISION=config.precision, FULL=full, SPLIT=n_split > 1,
+        BLOCK_O=config.block_o, BLOCK_L=config.block_k, BLOCK_T=config.block_t,
+        PRECISION=config.precision, FULL=full, PARTIAL=partial,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if n_split > 1:
-        _finish_split(f, new, t_size, decay)
-    else:
-        _finish(f, new, t_size)
+    _finish(f, parts, t_size, decay)
     return compiled

@@ -40,21 +40,21 @@ GROUPED_SIG = {
     "B": "constexpr", "B_PAD": "constexpr", "T": "constexpr", "BLOCKS": "constexpr",
 }
 LINEAR_SIG = {
-    "f_ptr": _F, "new_ptr": _F, "x_ptr": _F, "g_ptr": _F, "M": "i32", "n_in": "i32", "n_out": "i32",
+    "f_ptr": _F, "part_ptr": _F, "x_ptr": _F, "g_ptr": _F, "M": "i32", "n_in": "i32", "n_out": "i32",
     "n_chunks": "i32", "scale2_over_m": "fp32", "decay": "fp32",
     "s_xm": "i64", "s_xi": "i64", "s_gm": "i64", "s_go": "i64",
     "B": "constexpr", "T": "constexpr", "BLOCK_O": "constexpr", "BLOCK_M": "constexpr", "BLOCK_T": "constexpr",
-    "SINGLE_T": "constexpr", "PRECISION": "constexpr",
+    "PARTIAL": "constexpr", "PRECISION": "constexpr",
 }
 CONV_SIG = {
-    "f_ptr": _F, "new_ptr": _F, "x_ptr": _F, "g_ptr": _F,
+    "f_ptr": _F, "part_ptr": _F, "x_ptr": _F, "g_ptr": _F,
     **{n: "i32" for n in ("N", "chunk", "n_t_tiles", "n_blocks", "Cg", "Og", "L", "L2", "L3", "K2", "K3")},
     "scale2_over_n": "fp32", "decay": "fp32",
     **{n: "i32" for n in ("S1", "S2", "S3", "st1", "st2", "st3", "dl1", "dl2", "dl3", "p1", "p2", "p3")},
     **{n: "i64" for n in ("sx_n", "sx_c", "sx_1", "sx_2", "sx_3", "sg_n", "sg_o", "sg_l1", "sg_l2", "sg_l3")},
     "B": "constexpr", "B_PAD": "constexpr", "T": "constexpr",
-    "BLOCK_O": "constexpr", "BLOCK_L": "constexpr", "BLOCK_T": "constexpr", "SINGLE_T": "constexpr",
-    "PRECISION": "constexpr", "FULL": "constexpr", "SPLIT": "constexpr",
+    "BLOCK_O": "constexpr", "BLOCK_L": "constexpr", "BLOCK_T": "constexpr",
+    "PRECISION": "constexpr", "FULL": "constexpr", "PARTIAL": "constexpr",
 }
 
 
@@ -101,7 +101,7 @@ def rows(quick: bool) -> list[tuple[str, str, dict]]:
         c = dataclasses.replace(fs.default_linear_config(n_out, t), precision=precision)
         r = resources(fs._linear_fisher_ema_kernel, LINEAR_SIG,
                       {"B": b, "T": t, "BLOCK_O": c.block_o, "BLOCK_M": c.block_k, "BLOCK_T": c.block_t,
-                       "SINGLE_T": t <= c.block_t, "PRECISION": c.precision}, c.num_warps, c.num_stages)
+                       "PARTIAL": t > c.block_t, "PRECISION": c.precision}, c.num_warps, c.num_stages)
         out.append(("linear_stats", f"b={b} out={n_out} {c}", r))
     for b, og, n_l, precision, split in (((9, 64, 1024, "ieee", False),) if quick else (
             (1, 256, 64, "ieee", False), (9, 64, 1024, "ieee", False), (9, 512, 16, "ieee", False),
@@ -111,8 +111,8 @@ def rows(quick: bool) -> list[tuple[str, str, dict]]:
         c = dataclasses.replace(fs.default_conv_config(og, n_l, t), precision=precision)
         r = resources(fs._conv_fisher_ema_kernel, CONV_SIG,
                       {"B": b, "B_PAD": fs.conv_k_pad(b), "T": t, "BLOCK_O": c.block_o, "BLOCK_L": c.block_k,
-                       "BLOCK_T": c.block_t, "SINGLE_T": t <= c.block_t or fs.conv_full_blocks(b),
-                       "PRECISION": c.precision, "FULL": fs.conv_full_blocks(b), "SPLIT": split},
+                       "BLOCK_T": c.block_t, "PRECISION": c.precision, "FULL": fs.conv_full_blocks(b),
+                       "PARTIAL": split or (t > c.block_t and not fs.conv_full_blocks(b))},
                       c.num_warps, c.num_stages)
         out.append(("conv_stats", f"b={b} out/group={og} positions={n_l}{' split' if split else ''} {c}", r))
     return out
