@@ -365,57 +365,35 @@ class DiskCache:
         self.path = Path(path)
         self.header = dict(header)
 
+    @staticmethod
+    def _ignored(warn: bool, message: str) -> dict[str, dict]:
+        """Nothing is trusted from what ``message`` describes (warned once per load)."""
+        if warn:
+            warnings.warn(message, AutotuneCacheWarning, stacklevel=4)
+        return {}
+
     def _read(self, warn: bool) -> dict[str, dict]:
         try:
             text = self.path.read_bytes().decode("utf-8")
         except FileNotFoundError:
             return {}
         except (OSError, UnicodeDecodeError) as e:
-            if warn:
-                warnings.warn(
-                    f"ignoring unreadable autotune cache {self.path}: {e}",
-                    AutotuneCacheWarning,
-                    stacklevel=3,
-                )
-            return {}
+            return self._ignored(warn, f"ignoring unreadable autotune cache {self.path}: {e}")
         try:
             data = json.loads(text)
         except (ValueError, RecursionError) as e:
-            if warn:
-                warnings.warn(
-                    f"ignoring corrupt autotune cache {self.path} ({e}); it will be rewritten",
-                    AutotuneCacheWarning,
-                    stacklevel=3,
-                )
-            return {}
+            return self._ignored(warn, f"ignoring corrupt autotune cache {self.path} ({e}); it will be rewritten")
         if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
-            if warn:
-                warnings.warn(
-                    f"ignoring malformed autotune cache {self.path} (no 'entries' object)",
-                    AutotuneCacheWarning,
-                    stacklevel=3,
-                )
-            return {}
+            return self._ignored(warn, f"ignoring malformed autotune cache {self.path} (no 'entries' object)")
         if data.get("header") != self.header:
-            if warn:
-                warnings.warn(
-                    f"ignoring stale autotune cache {self.path}: header {data.get('header')!r} "
-                    f"does not match {self.header!r}",
-                    AutotuneCacheWarning,
-                    stacklevel=3,
-                )
-            return {}
+            return self._ignored(warn, f"ignoring stale autotune cache {self.path}: header "
+                                       f"{data.get('header')!r} does not match {self.header!r}")
         entries: dict[str, dict] = {}
         for key, entry in data["entries"].items():
             try:
                 _validate_entry(key, entry)
             except ValueError as e:
-                if warn:
-                    warnings.warn(
-                        f"ignoring invalid autotune cache entry {key!r} in {self.path}: {e}",
-                        AutotuneCacheWarning,
-                        stacklevel=3,
-                    )
+                self._ignored(warn, f"ignoring invalid autotune cache entry {key!r} in {self.path}: {e}")
                 continue
             entries[key] = entry
         return entries
@@ -578,6 +556,7 @@ class Tuner:
         self.disk_cache = disk_cache
         self.read_cache = read_cache
         self.last_key: str | None = None
+        self.last_run: Callable[[object], object] | None = None  # trial launcher of the last tuned call
         self.cache_directory = None if cache_directory is None else Path(cache_directory)
         self.prune_spills = prune_spills
         self.chosen: dict[str, Choice] = {}
@@ -784,6 +763,7 @@ class Tuner:
                 scratch.append(make_scratch())
             return launch(scratch[0], cfg)
 
+        self.last_run = run  # the sweep CLI times the winner and the heuristic again with it
         return self.select(kernel, key, layer, device, heuristic(), phases, run, n_phases).config
 
     def linear_stats_config(
@@ -968,25 +948,6 @@ def _build_conv(job: _Job, dtype, device, gen, samples: int, positions: int):
     )
 
 
-def _launcher(kernel: str, targs: tuple, kw: dict) -> Callable[[object], object]:
-    """``launch(config)`` of one sweep shape, on its own scratch copies of everything it writes."""
-    if kernel == "block_update":
-        from .kernels.block_update import damped_block_update_
-
-        f, grad, param, mom, count = targs
-        scratch = (param.clone(), mom.clone(), count.clone())
-        return lambda cfg: damped_block_update_(f, grad, *scratch, **kw, **cfg.launch_kwargs())
-    from .kernels import fisher_stats
-
-    f, a, gout = targs
-    f_scratch = f.clone()
-    if kernel == "linear_stats":
-        return lambda cfg: fisher_stats.linear_fisher_ema_(f_scratch, a, gout, **kw, config=cfg)
-    kw = dict(kw)
-    geometry = kw.pop("geometry")
-    return lambda cfg: fisher_stats.conv_fisher_ema_(f_scratch, a, gout, **geometry.kwargs(), **kw, config=cfg)
-
-
 def confirm(timer: Timer, launch: Callable[[object], object], tuned: object, heuristic: object,
             rounds: int = 3) -> tuple[float, float]:
     """Median ms of the heuristic and the tuned config, timed again after the sweep, alternating
@@ -1153,7 +1114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             confirmed = (choice.heuristic_ms, choice.ms)  # the same config, or no heuristic timing to confirm
         else:
             try:
-                confirmed = confirm(timer, _launcher(job.kernel, targs, kw), choice.config, heuristic)
+                confirmed = confirm(timer, tuner.last_run, choice.config, heuristic)
             except Exception as e:  # noqa: BLE001 - e.g. out of memory: report it, keep the sweep going
                 print(f"could not time {job.kernel} b={job.b} again: {type(e).__name__}: {e}"[:300])
                 confirmed = (None, None)

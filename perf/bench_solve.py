@@ -325,9 +325,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    common.use_interpreter_for_smoke(args.smoke)
-    common.limit_cpu_threads(args.smoke)
-    device = common.pick_device(args.smoke)
+    device = common.start(args.smoke)
     mode = "smoke" if args.smoke else "full"
     bs = args.bs or (SMOKE_BS if args.smoke else FULL_BS)
     blocks = args.blocks or (SMOKE_BLOCKS if args.smoke else FULL_BLOCKS)

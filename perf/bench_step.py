@@ -317,9 +317,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    common.use_interpreter_for_smoke(args.smoke)
-    common.limit_cpu_threads(args.smoke)
-    device = common.pick_device(args.smoke)
+    device = common.start(args.smoke)
     mode = "smoke" if args.smoke else "full"
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
     args.windows = args.windows if args.windows is not None else (1 if args.smoke else 10)

@@ -49,6 +49,14 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def start(smoke: bool) -> torch.device:
+    """The benchmarks' common start: the interpreter for smoke runs without a GPU, the thread limit, and
+    the device (:func:`use_interpreter_for_smoke`, :func:`limit_cpu_threads`, :func:`pick_device`)."""
+    use_interpreter_for_smoke(smoke)
+    limit_cpu_threads(smoke)
+    return pick_device(smoke)
+
+
 def pick_device(smoke: bool) -> torch.device:
     """CUDA for full runs (required), the CPU for smoke runs unless a GPU is present and not interpreted."""
     if torch.cuda.is_available() and not interpreted():
