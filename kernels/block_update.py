@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import keep_step, skip_flag
+
 __all__ = ["MAX_BLOCK_SIZE", "damped_block_update_", "default_launch_config", "grouped_block_update_"]
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -36,15 +38,16 @@ _RUNTIME_SCALARS = ["damping", "lr", "momentum", "weight_decay"]
 
 @triton.jit(do_not_specialize=_RUNTIME_SCALARS)
 def _scalar_block_update_kernel(
-    f_ptr, g_ptr, p_ptr, m_ptr, count_ptr,
+    f_ptr, g_ptr, p_ptr, m_ptr, count_ptr, skip_ptr,
     n_blocks,
     damping, lr, momentum, weight_decay,
-    BLOCKS: tl.constexpr,
+    BLOCKS: tl.constexpr, HAS_SKIP: tl.constexpr,
 ):
     # b = 1: mini-block i is entry i of the flattened (rows, cols) matrix and F_i is one number.
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCKS + tl.arange(0, BLOCKS)
     valid = offs < n_blocks
+    keep = keep_step(skip_ptr, HAS_SKIP)
     fv = tl.load(f_ptr + offs, mask=valid, other=0.0)
     g = tl.load(g_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     denom = fv + damping
@@ -56,20 +59,20 @@ def _scalar_block_update_kernel(
     m = m * momentum + d
     p = tl.load(p_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     p = p * (1.0 - lr * weight_decay) - lr * m
-    tl.store(m_ptr + offs, m, mask=valid)
-    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=valid)
-    n_fallback = tl.sum((valid & ~ok).to(tl.int32), axis=0)
+    tl.store(m_ptr + offs, m, mask=tl.where(keep, valid, False))
+    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=tl.where(keep, valid, False))
+    n_fallback = tl.sum(tl.where(keep, valid & ~ok, False).to(tl.int32), axis=0)
     tl.atomic_add(count_ptr, n_fallback, mask=n_fallback > 0)  # no atomic traffic in the common case
 
 
 @triton.jit
 def _solve_and_update(
-    f_ptr, g_ptr, p_ptr, m_ptr, blk, valid, n_chunks, cols,
+    f_ptr, g_ptr, p_ptr, m_ptr, blk, valid, keep, n_chunks, cols,
     damping, lr, momentum, weight_decay,
     B: tl.constexpr, B_PAD: tl.constexpr, T: tl.constexpr, BLOCKS: tl.constexpr,
 ):
     """The fused solve + update of mini-blocks ``blk`` (int64, (BLOCKS,)) of one parameter; returns how
-    many of them fell back to the diagonal."""
+    many of them fell back to the diagonal. ``keep`` false (a skipped step): nothing stored or counted."""
     # --- the damped symmetric blocks, unpacked from the packed lower triangle -------------------------
     ii = tl.arange(0, B_PAD)[None, :, None]  # row index of the 3-D tile
     jj = tl.arange(0, B_PAD)[None, None, :]  # column index of the 3-D tile
@@ -119,34 +122,34 @@ def _solve_and_update(
     m = m * momentum + d
     p = tl.load(p_ptr + vec_off, mask=vec_mask, other=0.0).to(tl.float32)
     p = p * (1.0 - lr * weight_decay) - lr * m
-    tl.store(m_ptr + vec_off, m, mask=vec_mask)
-    tl.store(p_ptr + vec_off, p.to(p_ptr.dtype.element_ty), mask=vec_mask)
-    return tl.sum((valid & ~ok).to(tl.int32), axis=0)
+    tl.store(m_ptr + vec_off, m, mask=tl.where(keep, vec_mask, False))
+    tl.store(p_ptr + vec_off, p.to(p_ptr.dtype.element_ty), mask=tl.where(keep, vec_mask, False))
+    return tl.sum(tl.where(keep, valid & ~ok, False).to(tl.int32), axis=0)
 
 
 
 
 @triton.jit(do_not_specialize=_RUNTIME_SCALARS)
 def _damped_block_update_kernel(
-    f_ptr, g_ptr, p_ptr, m_ptr, count_ptr,
+    f_ptr, g_ptr, p_ptr, m_ptr, count_ptr, skip_ptr,
     n_blocks, n_chunks, cols,
     damping, lr, momentum, weight_decay,
-    B: tl.constexpr, B_PAD: tl.constexpr, T: tl.constexpr, BLOCKS: tl.constexpr,
+    B: tl.constexpr, B_PAD: tl.constexpr, T: tl.constexpr, BLOCKS: tl.constexpr, HAS_SKIP: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     blk = pid * BLOCKS + tl.arange(0, BLOCKS)  # (BLOCKS,) int64
     n_fallback = _solve_and_update(
-        f_ptr, g_ptr, p_ptr, m_ptr, blk, blk < n_blocks, n_chunks, cols, damping, lr, momentum, weight_decay,
-        B, B_PAD, T, BLOCKS,
+        f_ptr, g_ptr, p_ptr, m_ptr, blk, blk < n_blocks, keep_step(skip_ptr, HAS_SKIP), n_chunks, cols,
+        damping, lr, momentum, weight_decay, B, B_PAD, T, BLOCKS,
     )
     tl.atomic_add(count_ptr, n_fallback, mask=n_fallback > 0)  # no atomic traffic in the common case
 
 
 @triton.jit(do_not_specialize=_RUNTIME_SCALARS)
 def _grouped_block_update_kernel(
-    table_ptr, work_ptr, proto_ptr, count_ptr,
+    table_ptr, work_ptr, proto_ptr, count_ptr, skip_ptr,
     damping, lr, momentum, weight_decay,
-    B: tl.constexpr, B_PAD: tl.constexpr, T: tl.constexpr, BLOCKS: tl.constexpr,
+    B: tl.constexpr, B_PAD: tl.constexpr, T: tl.constexpr, BLOCKS: tl.constexpr, HAS_SKIP: tl.constexpr,
 ):
     # Many parameters with the same b in one launch (as torch's foreach optimizers do): program ``pid``
     # takes BLOCKS mini-blocks of parameter ``work[pid, 0]`` from block ``work[pid, 1]`` on. Row ``t`` of
@@ -162,7 +165,8 @@ def _grouped_block_update_kernel(
     n_blocks = tl.load(row + 4)
     blk = first + tl.arange(0, BLOCKS)
     n_fallback = _solve_and_update(
-        f_ptr, g_ptr, p_ptr, m_ptr, blk, blk < n_blocks, tl.load(row + 5), tl.load(row + 6),
+        f_ptr, g_ptr, p_ptr, m_ptr, blk, blk < n_blocks, keep_step(skip_ptr, HAS_SKIP), tl.load(row + 5),
+        tl.load(row + 6),
         damping, lr, momentum, weight_decay, B, B_PAD, T, BLOCKS,
     )
     tl.atomic_add(count_ptr, n_fallback, mask=n_fallback > 0)
@@ -266,6 +270,7 @@ def damped_block_update_(
     lr: float,
     momentum: float,
     weight_decay: float,
+    skip: torch.Tensor | None = None,
     blocks_per_program: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
@@ -275,7 +280,9 @@ def damped_block_update_(
     ``f``: packed running Fisher ``(n_blocks, b*(b+1)//2)`` fp32 (read only); ``grad``, ``param``:
     ``(rows, cols)`` of the parameter's dtype (fp32, bf16 or fp16); ``momentum_buffer``: ``(rows, cols)``
     fp32; ``fallback_count``: int32 ``(1,)``, incremented by the number of blocks that took the diagonal
-    fallback. ``param`` and ``momentum_buffer`` are updated in place; no host synchronisation.
+    fallback. ``param`` and ``momentum_buffer`` are updated in place; no host synchronisation. ``skip``:
+    the step's device-side skip flag (:func:`mbf_triton.kernels._common.skip_flag`): when set, nothing is
+    written and nothing is counted.
 
     ``blocks_per_program``, ``num_warps``, ``num_stages``: launch configuration (default:
     :func:`default_launch_config`, Triton's default stages). Returns the compiled kernel that ran (None
@@ -283,6 +290,7 @@ def damped_block_update_(
     """
     rows, cols, n_chunks, n_blocks, t = _check_inputs(f, grad, param, momentum_buffer, b)
     _check_counter(fallback_count, f.get_device())
+    flag = skip_flag(skip, f.device)
     blocks, launch = _launch_options(b, blocks_per_program, num_warps, num_stages)
     if n_blocks == 0:
         return None
@@ -291,11 +299,12 @@ def damped_block_update_(
     grid = (triton.cdiv(n_blocks, blocks),)
     if b == 1:
         return _scalar_block_update_kernel[grid](
-            f, grad, param, momentum_buffer, fallback_count, n_blocks, *scalars, BLOCKS=blocks, **launch,
+            f, grad, param, momentum_buffer, fallback_count, f if flag is None else flag, n_blocks, *scalars,
+            BLOCKS=blocks, HAS_SKIP=flag is not None, **launch,
         )
     return _damped_block_update_kernel[grid](
-        f, grad, param, momentum_buffer, fallback_count, n_blocks, n_chunks, cols, *scalars,
-        B=b, B_PAD=triton.next_power_of_2(b), T=t, BLOCKS=blocks, **launch,
+        f, grad, param, momentum_buffer, fallback_count, f if flag is None else flag, n_blocks, n_chunks, cols,
+        *scalars, B=b, B_PAD=triton.next_power_of_2(b), T=t, BLOCKS=blocks, HAS_SKIP=flag is not None, **launch,
     )
 
 
@@ -362,6 +371,7 @@ def grouped_block_update_(
     lr: float,
     momentum: float,
     weight_decay: float,
+    skip: torch.Tensor | None = None,
     blocks_per_program: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
@@ -385,6 +395,7 @@ def grouped_block_update_(
         flat += (f.data_ptr(), g.data_ptr(), p.data_ptr(), m.data_ptr(), nb, n_chunks, cols)
         n_blocks.append(nb)
     _check_counter(fallback_count, fs[0].get_device())
+    flag = skip_flag(skip, fs[0].device)
     blocks, launch = _launch_options(b, blocks_per_program, num_warps, num_stages)
     if sum(n_blocks) == 0:
         return None
@@ -393,6 +404,7 @@ def grouped_block_update_(
     work = _work_list(tuple(n_blocks), blocks, device)
     scalars = (float(damping), float(lr), float(momentum), float(weight_decay))
     return _grouped_block_update_kernel[(work.shape[0],)](
-        table, work, params[0], fallback_count, *scalars,
-        B=b, B_PAD=triton.next_power_of_2(b), T=b * (b + 1) // 2, BLOCKS=blocks, **launch,
+        table, work, params[0], fallback_count, table if flag is None else flag, *scalars,
+        B=b, B_PAD=triton.next_power_of_2(b), T=b * (b + 1) // 2, BLOCKS=blocks, HAS_SKIP=flag is not None,
+        **launch,
     )

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import keep_step, skip_flag
+
 __all__ = ["FisherStatsConfig", "linear_fisher_ema_", "conv_fisher_ema_", "default_linear_config",
            "default_conv_config"]
 
@@ -179,13 +181,13 @@ def _ema_guard_store_blocks(f_ptr, part_ptr, fhat, blk, o_mask, decay, B: tl.con
 
 
 @triton.jit(do_not_specialize=["n_split", "decay"])
-def _partials_ema_kernel(f_ptr, part_ptr, n_blocks, n_split, decay, T: tl.constexpr, BLOCK_R: tl.constexpr,
-                         BLOCK_T: tl.constexpr):
+def _partials_ema_kernel(f_ptr, part_ptr, skip_ptr, n_blocks, n_split, decay, T: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, HAS_SKIP: tl.constexpr):
     """``F <- EMA(F, sum of the partial statistics)`` with the per-block finite guard: the second pass when
     the statistics kernel tiled the packed columns or split the batch."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_t = tl.arange(0, BLOCK_T)
-    mask = (rows < n_blocks)[:, None] & (offs_t < T)[None, :]
+    mask = tl.where(keep_step(skip_ptr, HAS_SKIP), rows < n_blocks, False)[:, None] & (offs_t < T)[None, :]
     off = rows[:, None] * T + offs_t[None, :]
     fhat = tl.zeros((BLOCK_R, BLOCK_T), dtype=tl.float32)
     stride = (n_blocks + tl.zeros([], dtype=tl.int64)) * T  # int64 (n_blocks may be a specialised 1)
@@ -197,7 +199,8 @@ def _partials_ema_kernel(f_ptr, part_ptr, n_blocks, n_split, decay, T: tl.conste
     tl.store(f_ptr + off, new, mask=mask & (bad == 0)[:, None])
 
 
-def _finish(f: torch.Tensor, parts: torch.Tensor | None, t_size: int, decay: float) -> None:
+def _finish(f: torch.Tensor, parts: torch.Tensor | None, t_size: int, decay: float,
+            flag: torch.Tensor | None) -> None:
     """The second pass over ``F`` when the statistics kernel stored partials (``parts``: ``(n, *f.shape)``)."""
     if parts is None:
         return
@@ -205,7 +208,8 @@ def _finish(f: torch.Tensor, parts: torch.Tensor | None, t_size: int, decay: flo
     block_t = triton.next_power_of_2(t_size)
     block_r = max(1, min(16, 4096 // block_t))
     _partials_ema_kernel[(triton.cdiv(n_blocks, block_r),)](
-        f, parts, n_blocks, parts.shape[0], float(decay), T=t_size, BLOCK_R=block_r, BLOCK_T=block_t, num_warps=4
+        f, parts, f if flag is None else flag, n_blocks, parts.shape[0], float(decay),
+        T=t_size, BLOCK_R=block_r, BLOCK_T=block_t, HAS_SKIP=flag is not None, num_warps=4,
     )
 
 
@@ -232,12 +236,12 @@ def sample_split(n: int, programs: int, device: torch.device) -> int:
 
 @triton.jit(do_not_specialize=["M", "scale2_over_m", "decay"])
 def _linear_fisher_ema_kernel(
-    f_ptr, part_ptr, x_ptr, g_ptr,
+    f_ptr, part_ptr, x_ptr, g_ptr, skip_ptr,
     M, n_in, n_out, n_chunks, scale2_over_m, decay,
     s_xm, s_xi, s_gm, s_go,
     B: tl.constexpr, T: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, PARTIAL: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_SKIP: tl.constexpr,
 ):
     pid_jt = tl.program_id(0)  # (chunk, tile of the packed triangle): can exceed 65535, so axis 0
     pid_o = tl.program_id(1)
@@ -272,7 +276,8 @@ def _linear_fisher_ema_kernel(
 
     fhat = acc * scale2_over_m
     blk = offs_o * n_chunks + j
-    _ema_guard_store(f_ptr, part_ptr, fhat, blk, offs_t, o_mask, t_mask, decay, T, PARTIAL)
+    store_mask = tl.where(keep_step(skip_ptr, HAS_SKIP), o_mask, False)  # nothing stored when the step is skipped
+    _ema_guard_store(f_ptr, part_ptr, fhat, blk, offs_t, store_mask, t_mask, decay, T, PARTIAL)
 
 
 def _check_f(f: torch.Tensor, n_blocks: int, t_size: int, device: torch.device) -> None:
@@ -310,13 +315,15 @@ def linear_fisher_ema_(
     scale: float,
     decay: float,
     config: FisherStatsConfig | None = None,
+    skip: torch.Tensor | None = None,
 ):
     """``F <- EMA(F, linear_fisher(x, gout, b, scale), decay)`` in place, with the finite guard.
 
     ``f``: fp32 ``(out * ceil(in/b), b*(b+1)//2)`` contiguous; ``x``: ``(M, in)``; ``gout``:
     ``(M, out)``; any strides, fp32/bf16/fp16. Mini-block ``o * n_chunks + j`` is ``W[o, j*b:(j+1)*b]``.
-    ``config``: tile sizes (default :func:`default_linear_config`). Returns the compiled statistics kernel
-    (None under the interpreter), for a tuner to read its register metadata.
+    ``config``: tile sizes (default :func:`default_linear_config`). ``skip``: the step's device-side skip
+    flag (:func:`mbf_triton.kernels._common.skip_flag`): when set, ``F`` is left as it is. Returns the
+    compiled statistics kernel (None under the interpreter), for a tuner to read its register metadata.
     """
     _check_float("x", x, 2)
     _check_float("gout", gout, 2)
@@ -334,21 +341,22 @@ def linear_fisher_ema_(
     n_chunks = triton.cdiv(n_in, b)
     t_size = b * (b + 1) // 2
     _check_f(f, n_out * n_chunks, t_size, x.device)
+    flag = skip_flag(skip, x.device)
     if config is None:
         config = default_linear_config(n_out, t_size)
     n_t_tiles = triton.cdiv(t_size, config.block_t)
     parts = None if n_t_tiles == 1 else torch.empty((1, *f.shape), dtype=f.dtype, device=f.device)
     grid = (n_chunks * n_t_tiles, triton.cdiv(n_out, config.block_o))
     compiled = _linear_fisher_ema_kernel[grid](
-        f, f if parts is None else parts, x, gout,
+        f, f if parts is None else parts, x, gout, f if flag is None else flag,
         m, n_in, n_out, n_chunks, float(scale) * float(scale) / m, float(decay),
         x.stride(0), x.stride(1), gout.stride(0), gout.stride(1),
         B=b, T=t_size,
         BLOCK_O=config.block_o, BLOCK_M=config.block_k, BLOCK_T=config.block_t, PARTIAL=parts is not None,
-        PRECISION=config.precision,
+        PRECISION=config.precision, HAS_SKIP=flag is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    _finish(f, parts, t_size, decay)
+    _finish(f, parts, t_size, decay, flag)
     return compiled
 
 
@@ -359,14 +367,14 @@ def linear_fisher_ema_(
 
 @triton.jit(do_not_specialize=["N", "chunk", "scale2_over_n", "decay"])
 def _conv_fisher_ema_kernel(
-    f_ptr, part_ptr, x_ptr, g_ptr,
+    f_ptr, part_ptr, x_ptr, g_ptr, skip_ptr,
     N, chunk, n_t_tiles, n_blocks, Cg, Og, L, L2, L3, K2, K3, scale2_over_n, decay,
     S1, S2, S3, st1, st2, st3, dl1, dl2, dl3, p1, p2, p3,
     sx_n, sx_c, sx_1, sx_2, sx_3,
     sg_n, sg_o, sg_l1, sg_l2, sg_l3,
     B: tl.constexpr, B_PAD: tl.constexpr, T: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr,
-    PRECISION: tl.constexpr, FULL: tl.constexpr, PARTIAL: tl.constexpr,
+    PRECISION: tl.constexpr, FULL: tl.constexpr, PARTIAL: tl.constexpr, HAS_SKIP: tl.constexpr,
 ):
     # FULL (B_PAD <= 16, i.e. b <= 16): a program owns whole mini-blocks and accumulates the full outer
     # products G[o, :] G[o, :]^T elementwise (B_PAD^2 = 256 multiply-adds per output and sample, no
@@ -455,10 +463,11 @@ def _conv_fisher_ema_kernel(
     fhat = acc * scale2_over_n
     blk = offs_o * Cg + c
     part = part_ptr + sp.to(tl.int64) * n_blocks * T
+    store_mask = tl.where(keep_step(skip_ptr, HAS_SKIP), o_mask, False)  # nothing stored when the step is skipped
     if FULL:
-        _ema_guard_store_blocks(f_ptr, part, fhat, blk, o_mask, decay, B, B_PAD, T, PARTIAL)
+        _ema_guard_store_blocks(f_ptr, part, fhat, blk, store_mask, decay, B, B_PAD, T, PARTIAL)
     else:
-        _ema_guard_store(f_ptr, part, fhat, blk, offs_t, o_mask, t_mask, decay, T, PARTIAL)
+        _ema_guard_store(f_ptr, part, fhat, blk, offs_t, store_mask, t_mask, decay, T, PARTIAL)
 
 
 def _int_tuple(name: str, value, d: int) -> tuple[int, ...]:
@@ -483,6 +492,7 @@ def conv_fisher_ema_(
     padding_mode: str = "zeros",
     config: FisherStatsConfig | None = None,
     samples_split: int | None = None,
+    skip: torch.Tensor | None = None,
 ):
     """``F <- EMA(F, conv_fisher(conv_patches(x, ...), gout, groups, scale), decay)`` in place, with the
     finite guard.
@@ -494,7 +504,8 @@ def conv_fisher_ema_(
     ``(left, right)``), ``padding_mode``. Zero padding is applied by masking inside the kernel; other modes pad
     ``x`` first. ``config``: tile sizes (default :func:`default_conv_config`). ``samples_split``: how many
     programs share the batch of one tile (default :func:`sample_split`: ~4 programs per SM on a GPU).
-    Returns the compiled statistics kernel (None under the interpreter).
+    ``skip``: the step's device-side skip flag (:func:`mbf_triton.kernels._common.skip_flag`): when set,
+    ``F`` is left as it is. Returns the compiled statistics kernel (None under the interpreter).
     """
     _check_float("x", x, (3, 4, 5))
     d = x.dim() - 2
@@ -533,6 +544,7 @@ def conv_fisher_ema_(
     n_l = math.prod(l_shape)
     t_size = b * (b + 1) // 2
     _check_f(f, c_out * cg, t_size, x.device)
+    flag = skip_flag(skip, x.device)
 
     # normalise to 3 spatial dims: leading dims of size 1 (one position, one tap, stride 0 in memory)
     e = 3 - d
@@ -557,7 +569,7 @@ def conv_fisher_ema_(
     parts = torch.empty((n_split, *f.shape), dtype=f.dtype, device=f.device) if partial else None
     grid = (grid_o, cg, n_t_tiles * n_split)
     compiled = _conv_fisher_ema_kernel[grid](
-        f, f if parts is None else parts, x, gout,
+        f, f if parts is None else parts, x, gout, f if flag is None else flag,
         n, chunk, n_t_tiles, f.shape[0], cg, og, n_l, ls[1], ls[2], ks3[1], ks3[2],
         float(scale) * float(scale) / n, float(decay),
         *geometry,
@@ -565,8 +577,8 @@ def conv_fisher_ema_(
         gout.stride(0), gout.stride(1), *sg_l,
         B=b, B_PAD=conv_k_pad(b), T=t_size,
         BLOCK_O=config.block_o, BLOCK_L=config.block_k, BLOCK_T=config.block_t,
-        PRECISION=config.precision, FULL=full, PARTIAL=partial,
+        PRECISION=config.precision, FULL=full, PARTIAL=partial, HAS_SKIP=flag is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    _finish(f, parts, t_size, decay)
+    _finish(f, parts, t_size, decay, flag)
     return compiled

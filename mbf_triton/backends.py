@@ -2,7 +2,9 @@
 
 A backend does three things to one parameter's mini-blocks: fold the batch statistics of a Linear or a
 convolution into the running Fisher ``F`` (``linear_fisher_ema_``, ``conv_fisher_ema_``), and the fused
-damped solve + momentum + weight decay + parameter write (``block_update_``). :class:`TorchBackend` does
+damped solve + momentum + weight decay + parameter write (``block_update_``). Each takes the step's
+device-side ``skip`` flag (one element; set when a gradient held NaN/Inf): when set it writes nothing, so
+the optimizer never waits for the device to decide whether a step happens. :class:`TorchBackend` does
 them with batched torch ops (:mod:`mbf_triton.reference`); :class:`TritonBackend` with the kernels in
 ``mbf_triton.kernels``. Both read and write the same state, so a checkpoint made with one loads in the
 other. :func:`get_backend` is the only place that decides which one runs.
@@ -28,15 +30,16 @@ class TorchBackend:
     name = "torch"
 
     def linear_fisher_ema_(
-        self, f: torch.Tensor, x: torch.Tensor, gout: torch.Tensor, *, b: int, scale: float, decay: float
+        self, f: torch.Tensor, x: torch.Tensor, gout: torch.Tensor, *, b: int, scale: float, decay: float,
+        skip: torch.Tensor | None = None,
     ) -> None:
-        ref.fisher_ema_(f, ref.linear_fisher(x, gout, b, scale), decay)
+        ref.fisher_ema_(f, ref.linear_fisher(x, gout, b, scale), decay, skip)
 
     def conv_fisher_ema_(
         self, f: torch.Tensor, x: torch.Tensor, gout: torch.Tensor, *, geometry: ref.ConvGeometry, groups: int,
-        scale: float, decay: float,
+        scale: float, decay: float, skip: torch.Tensor | None = None,
     ) -> None:
-        ref.fisher_ema_(f, ref.conv_fisher(geometry.patches(x), gout, groups, scale), decay)
+        ref.fisher_ema_(f, ref.conv_fisher(geometry.patches(x), gout, groups, scale), decay, skip)
 
     def block_update_(
         self,
@@ -51,12 +54,14 @@ class TorchBackend:
         lr: float,
         momentum: float,
         weight_decay: float,
+        skip: torch.Tensor | None = None,
     ) -> None:
         rows, cols = param.shape
         d, fallback = ref.damped_block_solve(f, ref.to_blocks(grad.float(), b), damping)
+        fallback = ref.and_not_skipped(fallback, skip)  # a skipped step counts no fallback either
         fallback_count.add_(fallback.sum().to(fallback_count.dtype))
-        ref.apply_update_(param, ref.from_blocks(d, rows, cols), momentum_buffer, lr, momentum, weight_decay)
-
+        ref.apply_update_(param, ref.from_blocks(d, rows, cols), momentum_buffer, lr, momentum, weight_decay,
+                          skip)
 
     def block_update_group_(
         self,
@@ -68,12 +73,13 @@ class TorchBackend:
         lr: float,
         momentum: float,
         weight_decay: float,
+        skip: torch.Tensor | None = None,
     ) -> None:
         """:meth:`block_update_` for several ``(f, grad, param, momentum_buffer)`` of one block size, dtype,
         device and hyperparameters (the Triton backend does them in one launch)."""
         for f, grad, param, buf in items:
             self.block_update_(f, grad, param, buf, fallback_count, b=b, damping=damping, lr=lr,
-                               momentum=momentum, weight_decay=weight_decay)
+                               momentum=momentum, weight_decay=weight_decay, skip=skip)
 
 
 class TritonBackend(TorchBackend):
@@ -102,33 +108,34 @@ class TritonBackend(TorchBackend):
         """One row per layer shape launched so far: kernel, shape, key, config, source, ms."""
         return self.tuner.report()
 
-    def linear_fisher_ema_(self, f, x, gout, *, b, scale, decay):  # noqa: D102
+    def linear_fisher_ema_(self, f, x, gout, *, b, scale, decay, skip=None):  # noqa: D102
         config = self.tuner.linear_stats_config(f, x, gout, b=b, scale=scale, decay=decay)
-        self._fisher_stats.linear_fisher_ema_(f, x, gout, b=b, scale=scale, decay=decay, config=config)
+        self._fisher_stats.linear_fisher_ema_(f, x, gout, b=b, scale=scale, decay=decay, config=config, skip=skip)
 
-    def conv_fisher_ema_(self, f, x, gout, *, geometry, groups, scale, decay):  # noqa: D102
+    def conv_fisher_ema_(self, f, x, gout, *, geometry, groups, scale, decay, skip=None):  # noqa: D102
         config = self.tuner.conv_stats_config(f, x, gout, geometry=geometry, groups=groups, scale=scale,
                                               decay=decay)
         self._fisher_stats.conv_fisher_ema_(
-            f, x, gout, **geometry.kwargs(), groups=groups, scale=scale, decay=decay, config=config
+            f, x, gout, **geometry.kwargs(), groups=groups, scale=scale, decay=decay, config=config, skip=skip
         )
 
     def block_update_(self, f, grad, param, momentum_buffer, fallback_count, *, b, damping, lr, momentum,
-                      weight_decay):  # noqa: D102
+                      weight_decay, skip=None):  # noqa: D102
         kw = dict(b=b, damping=damping, lr=lr, momentum=momentum, weight_decay=weight_decay)
         if b > self._block_update.MAX_BLOCK_SIZE:  # e.g. 5x5x5 kernels: batched torch.linalg instead
-            return super().block_update_(f, grad, param, momentum_buffer, fallback_count, **kw)
+            return super().block_update_(f, grad, param, momentum_buffer, fallback_count, **kw, skip=skip)
         config = self.tuner.block_update_config(f, grad, param, momentum_buffer, fallback_count, **kw)
         self._block_update.damped_block_update_(
-            f, grad, param, momentum_buffer, fallback_count, **kw, **config.launch_kwargs()
+            f, grad, param, momentum_buffer, fallback_count, **kw, skip=skip, **config.launch_kwargs()
         )
 
-    def block_update_group_(self, items, fallback_count, *, b, damping, lr, momentum, weight_decay):  # noqa: D102
+    def block_update_group_(self, items, fallback_count, *, b, damping, lr, momentum, weight_decay,
+                            skip=None):  # noqa: D102
         # One launch for the whole group (launch latency dominates small models); a single parameter, or
         # b beyond the register tile, goes through the per-parameter path and its tuned configuration.
         if len(items) == 1 or b > self._block_update.MAX_BLOCK_SIZE:
             return super().block_update_group_(items, fallback_count, b=b, damping=damping, lr=lr,
-                                               momentum=momentum, weight_decay=weight_decay)
+                                               momentum=momentum, weight_decay=weight_decay, skip=skip)
         kw = dict(b=b, damping=damping, lr=lr, momentum=momentum, weight_decay=weight_decay)
         # every program runs the same per-block code as the single-parameter kernel: the group launches
         # with the configuration tuned for its largest member
@@ -136,7 +143,7 @@ class TritonBackend(TorchBackend):
         config = self.tuner.block_update_config(*largest, fallback_count, **kw)
         fs, grads, params, bufs = (list(t) for t in zip(*items))
         self._block_update.grouped_block_update_(
-            fs, grads, params, bufs, fallback_count, **kw, **config.launch_kwargs()
+            fs, grads, params, bufs, fallback_count, **kw, skip=skip, **config.launch_kwargs()
         )
 
 

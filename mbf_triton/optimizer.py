@@ -9,7 +9,9 @@ One ``step()``, for every parameter with a gradient:
 2. direction ``d_i = (F_i + damping * I)^{-1} g_i``;
 3. update: ``p <- p * (1 - lr * weight_decay)``, ``m <- momentum * m + d``, ``p <- p - lr * m``.
 
-Steps 2-3 are one fused call of the backend (:mod:`mbf_triton.backends`).
+Steps 2-3 are one fused call of the backend (:mod:`mbf_triton.backends`). A gradient with NaN/Inf
+skips the whole step on the device (a flag every state-writing op reads), so ``step()`` never waits for
+the GPU; the host reads the flag at the next step and settles its counters then.
 """
 
 from __future__ import annotations
@@ -92,6 +94,16 @@ class _Plan:
     batches: list[_Batch]
 
 
+@dataclass
+class _Unsettled:
+    """A step whose skip flag the host has not read yet: its counters are provisional until then."""
+
+    flag: torch.Tensor  # the flag, on the host (a pinned copy of the device's) once ``event`` has completed
+    event: Any  # torch.cuda.Event recorded after the copy, or None when ``flag`` can be read as it is
+    counted: list[dict[str, Any]]  # the states whose ``stat_steps`` the step incremented
+    first_statistics: bool  # some of them started their statistics in this step
+
+
 class MBF(Optimizer):
     """Mini-block Fisher optimizer.
 
@@ -152,7 +164,11 @@ class MBF(Optimizer):
         self._finalizer = weakref.finalize(self, self._capture.remove)
         self._pending_capture = False  # a parameter is waiting for its first statistics
         self._plan_cache: _Plan | None = None
-        self._counters = {"step": 0, "skipped_steps": 0}
+        # step: steps that updated; skipped_steps: steps whose gradients held NaN/Inf; calls: step() calls
+        # with gradients, both kinds (the statistics schedule counts these: the host decides what to capture
+        # before it knows whether the last step was skipped)
+        self._counters = {"step": 0, "skipped_steps": 0, "calls": 0}
+        self._unsettled: list[_Unsettled] = []
         self._fallback_total: dict[torch.device, torch.Tensor] = {}
         self._fallback_step: dict[torch.device, torch.Tensor] = {}
         self._sync_capture()
@@ -166,6 +182,7 @@ class MBF(Optimizer):
             self._capture.watch(self.param_groups[-1]["params"])
 
     def state_dict(self) -> dict[str, Any]:
+        self._settle()
         sd = super().state_dict()
         sd["mbf"] = {
             **self._counters,
@@ -191,8 +208,11 @@ class MBF(Optimizer):
         for pid, p in zip(ids, params):
             for k, v in kept.get(pid, {}).items():
                 self.state[p][k] = v.to(device=p.device, dtype=torch.float32)
+        self._unsettled = []  # the counters and states they would correct are replaced
         if extra is not None:
-            self._counters = {"step": int(extra["step"]), "skipped_steps": int(extra["skipped_steps"])}
+            step, skipped = int(extra["step"]), int(extra["skipped_steps"])
+            # checkpoints from before "calls" existed scheduled by steps + skips, which is the same count
+            self._counters = {"step": step, "skipped_steps": skipped, "calls": int(extra.get("calls", step + skipped))}
             self._fallback_total = {}
             self._fallback_step = {}
             if extra.get("fallback_blocks"):
@@ -203,12 +223,15 @@ class MBF(Optimizer):
     # ------------------------------------------------------------------ public counters
     @property
     def steps(self) -> int:
-        """Steps that updated the parameters."""
+        """Steps that updated the parameters (reading it waits for the last step's finite check)."""
+        self._settle()
         return self._counters["step"]
 
     @property
     def skipped_steps(self) -> int:
-        """Steps skipped because a gradient held NaN or Inf (parameters and curvature untouched)."""
+        """Steps skipped because a gradient held NaN or Inf (parameters and curvature untouched); reading it
+        waits for the last step's finite check."""
+        self._settle()
         return self._counters["skipped_steps"]
 
     @property
@@ -240,31 +263,45 @@ class MBF(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         try:
+            # the previous step's finite check (done on the device by now, while this step's forward and
+            # backward are still queued): the counters and the first statistics below must be exact
+            self._settle()
             active = [(g, p) for g in self.param_groups for p in g["params"]
                       if p.grad is not None and p.numel() > 0]
             if not active:
                 return loss
-            if not self._all_finite([p.grad for _, p in active]):
-                self._counters["skipped_steps"] += 1
-                return loss
-            stat_step = self._counters["step"] % self.stat_every == 0
+            # Non-finite gradients skip the whole step on the device: every kernel and reference op that
+            # writes state reads this flag, so the host never waits for the check (no sync per step).
+            skip = self._nonfinite_flags([p.grad for _, p in active])
+            stat_step = self._counters["calls"] % self.stat_every == 0
             # everything that can fail is resolved before the first parameter changes: no partial steps
             plan = self._plan(active)
             lrs = {id(g): float(g["lr"]) for g in self.param_groups}  # one read of a tensor lr per group
             self._pending_capture = False
+            counted: list[dict[str, Any]] = []
+            first = False
             diag: dict[tuple, tuple[list, list, list]] = {}  # (device, decay) -> F, grad, state of 1x1 params
             for entry in plan.entries:
-                self._statistics(entry, stat_step, diag)
-            for (_, decay), (fs, grads, states) in diag.items():
-                ref.diag_fisher_ema_(fs, grads, decay)
+                first |= self._statistics(entry, stat_step, diag, skip, counted)
+            for (device, decay), (fs, grads, states) in diag.items():
+                ref.diag_fisher_ema_(fs, grads, decay, skip[device])
                 for state in states:
+                    first |= state["stat_steps"] == 0
                     state["stat_steps"] += 1
+                counted += states
             for batch in plan.batches:
-                self._apply(batch, lrs[id(batch.group)])
+                self._apply(batch, lrs[id(batch.group)], skip[batch.members[0].param.device])
             for device, step_count in self._fallback_step.items():
                 self._fallback_total[device].add_(step_count)
                 step_count.zero_()
-            self._counters["step"] += 1
+            self._counters["calls"] += 1
+            self._counters["step"] += 1  # provisional: _settle moves it to skipped_steps if the flag was set
+            self._unsettled.append(self._unsettled_step(skip, counted, first))
+            self._settle(wait=False)  # at once where the flag is on the host already (CPU)
+            if first and self._unsettled:
+                # Should this step turn out skipped, the layers that started their statistics in it start
+                # again in the next one, which then needs per-sample data: capture it, just in case.
+                self._pending_capture = True
         finally:
             self._capture.clear()
             self._sync_capture()
@@ -272,14 +309,52 @@ class MBF(Optimizer):
 
     def _sync_capture(self) -> None:
         # capture during the forward/backward that precedes a statistics step
-        self._capture.capturing = self._pending_capture or self._counters["step"] % self.stat_every == 0
+        self._capture.capturing = self._pending_capture or self._counters["calls"] % self.stat_every == 0
 
     @staticmethod
-    def _all_finite(grads: list[torch.Tensor]) -> bool:
-        """One host sync: is every gradient entry finite? (max |g| is NaN or Inf otherwise)."""
-        device = grads[0].device
-        maxes = torch._foreach_norm(grads, float("inf"))
-        return bool(torch.isfinite(torch.stack([m.to(device, torch.float32) for m in maxes])).all())
+    def _nonfinite_flags(grads: list[torch.Tensor]) -> dict[torch.device, torch.Tensor]:
+        """Per device of ``grads``, a one-element bool flag, true if any gradient entry (on any device) is NaN
+        or Inf (max |g| is then NaN or Inf). A few small launches, no host synchronisation."""
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for g in grads:
+            by_device.setdefault(g.device, []).append(g)
+        bad = {device: torch.stack(torch._foreach_norm(gs, float("inf"))).isfinite().all().logical_not()
+               for device, gs in by_device.items()}
+        if len(bad) > 1:  # one step on several devices: skipped everywhere or nowhere
+            anywhere = [torch.stack([b.to(device) for b in bad.values()]).any() for device in bad]
+            bad = dict(zip(bad, anywhere))
+        return {device: b.reshape(1) for device, b in bad.items()}
+
+    @staticmethod
+    def _unsettled_step(skip: dict[torch.device, torch.Tensor], counted: list, first: bool) -> _Unsettled:
+        flag = next(iter(skip.values()))  # the same value on every device
+        if flag.device.type != "cuda":
+            return _Unsettled(flag, None, counted, first)
+        host = torch.empty(1, dtype=torch.bool, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(flag.device))
+        return _Unsettled(host, event, counted, first)
+
+    def _settle(self, wait: bool = True) -> None:
+        """Read the skip flags of past steps and correct their provisional counters: a skipped step moves
+        from ``steps`` to ``skipped_steps`` and its statistics are uncounted (``F`` was not touched).
+        ``wait=False``: only the flags already on the host."""
+        unsettled = []
+        for u in self._unsettled:
+            if u.event is not None:
+                if not wait and not u.event.query():
+                    unsettled.append(u)
+                    continue
+                u.event.synchronize()
+            if int(u.flag.item()):
+                self._counters["step"] -= 1
+                self._counters["skipped_steps"] += 1
+                for state in u.counted:
+                    state["stat_steps"] -= 1
+                # statistics that were to start in it start in the next step, which needs per-sample data
+                self._pending_capture |= u.first_statistics
+        self._unsettled = unsettled
 
     def _fallback_counter(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._fallback_step:
@@ -331,31 +406,35 @@ class MBF(Optimizer):
                 f"layout {layout} (was block_size changed after the first step?)"
             )
 
-    def _statistics(self, entry: _Entry, stat_step: bool, diag: dict[tuple, tuple[list, list, list]]) -> None:
+    def _statistics(self, entry: _Entry, stat_step: bool, diag: dict[tuple, tuple[list, list, list]],
+                    skip: dict[torch.device, torch.Tensor], counted: list[dict[str, Any]]) -> bool:
         """Fold this step's batch Fisher into ``F`` when the schedule (or a first step) asks for it.
-        Parameters of 1x1 blocks without per-sample data are collected in ``diag`` (done together)."""
+        Parameters of 1x1 blocks without per-sample data are collected in ``diag`` (done together); the
+        states whose ``stat_steps`` this counts go to ``counted``. True if this is ``F``'s first statistic."""
         p, module, layout = entry.param, entry.module, entry.layout
         state = self.state[p]
         if not (stat_step or state["stat_steps"] == 0):
-            return
+            return False
         records = self._capture.complete_records(module) if module is not None else []
         if state["stat_steps"] == 0 and not stat_step and module is not None and not records:
             # First gradient of a layer off the statistics schedule (added, unfrozen, or unused so far): no
             # per-sample data was captured. Step with F = 0 (damping only) and capture for the next step
             # rather than starting F from the batch gradient, which is ~N times too small.
             self._pending_capture = True
-            return
+            return False
         decay = entry.group["stat_decay"] if state["stat_steps"] > 0 else 0.0
         if not records and layout.b == 1:  # stat_steps is counted once the batched update has run
             fs, grads, states = diag.setdefault((p.device, decay), ([], [], []))
             fs.append(state["F"])
             grads.append(p.grad)
             states.append(state)
-        else:
-            self._update_statistics(entry.backend, p, module, layout, state["F"], decay, records)
-            state["stat_steps"] += 1
+            return False  # the caller tells first statistics of these
+        self._update_statistics(entry.backend, p, module, layout, state["F"], decay, records, skip[p.device])
+        state["stat_steps"] += 1
+        counted.append(state)
+        return state["stat_steps"] == 1
 
-    def _apply(self, batch: _Batch, lr: float) -> None:
+    def _apply(self, batch: _Batch, lr: float, skip: torch.Tensor) -> None:
         """Damped solve, momentum, weight decay and the write for parameters sharing b, dtype and group."""
         items, copies = [], []
         for entry in batch.members:
@@ -374,6 +453,7 @@ class MBF(Optimizer):
         batch.backend.block_update_group_(
             items, self._fallback_counter(batch.members[0].param.device)[0], b=batch.b,
             damping=group["damping"], lr=lr, momentum=group["momentum"], weight_decay=group["weight_decay"],
+            skip=skip,
         )
         for p, work in copies:
             p.data.copy_(work)
@@ -385,29 +465,29 @@ class MBF(Optimizer):
 
     def _update_statistics(
         self, backend, p: torch.Tensor, module: nn.Module | None, layout: Layout, f: torch.Tensor, decay: float,
-        records: list[Record],
+        records: list[Record], skip: torch.Tensor,
     ) -> None:
         if not records:
             # No per-sample information: the batch gradient stands in for one sample, Fhat_i = g_i g_i^T.
             g = ref.to_blocks(layout.matrix(p.grad.contiguous()).float(), layout.b)
-            ref.fisher_ema_(f, ref.outer_fisher(g[None]), decay)
+            ref.fisher_ema_(f, ref.outer_fisher(g[None]), decay, skip)
             return
         if isinstance(module, CONV_TYPES):
-            self._conv_statistics(backend, p, module, layout, f, decay, records)
+            self._conv_statistics(backend, p, module, layout, f, decay, records, skip)
         else:
-            self._linear_statistics(backend, p, module, layout, f, decay, records)
+            self._linear_statistics(backend, p, module, layout, f, decay, records, skip)
 
-    def _linear_statistics(self, backend, p, module, layout, f, decay, records: list[Record]) -> None:
+    def _linear_statistics(self, backend, p, module, layout, f, decay, records: list[Record], skip) -> None:
         xs = [r.input.reshape(-1, module.in_features) for r in records]
         gs = [r.grad_output.reshape(-1, module.out_features) for r in records]
         x, gout, scale = self._pool(xs, gs)
         if p is module.weight:
-            backend.linear_fisher_ema_(f, x, gout, b=layout.b, scale=scale, decay=decay)
+            backend.linear_fisher_ema_(f, x, gout, b=layout.b, scale=scale, decay=decay, skip=skip)
         else:  # bias: per-sample gradient scale * gout[m]
             fhat = gout.float().square().mean(dim=0).mul_(scale * scale)
-            ref.fisher_ema_(f, fhat[:, None], decay)
+            ref.fisher_ema_(f, fhat[:, None], decay, skip)
 
-    def _conv_statistics(self, backend, p, module, layout, f, decay, records: list[Record]) -> None:
+    def _conv_statistics(self, backend, p, module, layout, f, decay, records: list[Record], skip) -> None:
         d = len(module.kernel_size)
         xs = [r.input if r.input.dim() == d + 2 else r.input.unsqueeze(0) for r in records]
         gs = [r.grad_output if r.grad_output.dim() == d + 2 else r.grad_output.unsqueeze(0) for r in records]
@@ -415,14 +495,14 @@ class MBF(Optimizer):
             n_total = sum(x.shape[0] for x in xs)
             fhat = sum(x.shape[0] * self._conv_fhat(p, module, x, g, self._sample_scale(x.shape[0]))
                        for x, g in zip(xs, gs)) / n_total
-            ref.fisher_ema_(f, fhat, decay)
+            ref.fisher_ema_(f, fhat, decay, skip)
             return
         x, gout, scale = self._pool(xs, gs)
         if p is module.weight:
             backend.conv_fisher_ema_(f, x, gout, geometry=_conv_geometry(module), groups=module.groups,
-                                     scale=scale, decay=decay)
+                                     scale=scale, decay=decay, skip=skip)
         else:
-            ref.fisher_ema_(f, self._conv_fhat(p, module, x, gout, scale), decay)
+            ref.fisher_ema_(f, self._conv_fhat(p, module, x, gout, scale), decay, skip)
 
     @staticmethod
     def _conv_fhat(p, module, x, gout, scale: float) -> torch.Tensor:

@@ -37,6 +37,7 @@ __all__ = [
     "conv_patches",
     "conv_fisher",
     "fisher_ema_",
+    "and_not_skipped",
     "damped_block_solve",
     "apply_update_",
 ]
@@ -209,20 +210,29 @@ def conv_fisher(u: torch.Tensor, gout: torch.Tensor, groups: int, scale: float) 
     return outer_fisher(per_sample.reshape(n, -1, k))
 
 
-def fisher_ema_(f: torch.Tensor, fhat: torch.Tensor, decay: float) -> torch.Tensor:
+def and_not_skipped(ok: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+    """``ok`` where the step is not skipped, all false where it is. ``skip``: the step's one-element flag
+    (bool, or uint8 0/1); one elementwise op, ``ok > skip``, as these run for every small parameter."""
+    return ok if skip is None else ok > skip.reshape(1)
+
+
+def fisher_ema_(f: torch.Tensor, fhat: torch.Tensor, decay: float, skip: torch.Tensor | None = None) -> torch.Tensor:
     """``F <- decay * F + (1 - decay) * Fhat`` in place (``decay=0`` initialises ``F = Fhat``).
 
     A mini-block whose new value is not finite keeps its old value: a non-finite statistic never
-    reaches the curvature state.
+    reaches the curvature state. ``skip``: the step's device-side skip flag (one element, bool or uint8;
+    non-zero: ``F`` is left as it is), read without a host synchronisation.
     """
     fhat = fhat.to(f.dtype)
     new = fhat if decay == 0.0 else torch.lerp(fhat, f, decay)
-    ok = torch.isfinite(new).all(dim=-1, keepdim=True)
+    ok = and_not_skipped(torch.isfinite(new).all(dim=-1, keepdim=True), skip)
     f.copy_(torch.where(ok, new, f))
     return f
 
 
-def diag_fisher_ema_(fs: list[torch.Tensor], grads: list[torch.Tensor], decay: float) -> None:
+def diag_fisher_ema_(
+    fs: list[torch.Tensor], grads: list[torch.Tensor], decay: float, skip: torch.Tensor | None = None
+) -> None:
     """:func:`fisher_ema_` with ``Fhat = g**2`` for many parameters of 1x1 mini-blocks at once.
 
     The statistic of a parameter without per-sample information (biases, norm scales, ...): its batch
@@ -236,7 +246,7 @@ def diag_fisher_ema_(fs: list[torch.Tensor], grads: list[torch.Tensor], decay: f
         raise ValueError("fs and grads must have the same length")
     fhat = torch.cat([g.reshape(-1).float() for g in grads]).square_()  # fp32 like F (float64 grads too)
     f = torch.cat([x.reshape(-1) for x in fs])
-    fisher_ema_(f[:, None], fhat[:, None], decay)
+    fisher_ema_(f[:, None], fhat[:, None], decay, skip)
     torch._foreach_copy_([x.view(-1) for x in fs], list(f.split([x.numel() for x in fs])))
 
 
@@ -274,16 +284,21 @@ def apply_update_(
     lr: float,
     momentum: float,
     weight_decay: float,
+    skip: torch.Tensor | None = None,
 ) -> None:
     """Decoupled weight decay, heavy-ball momentum on the direction, then ``p -= lr * m``.
 
     ``m <- momentum * m + d``; ``p <- p * (1 - lr * weight_decay) - lr * m``; arithmetic in fp32
     (float64 for float64 parameters; ``momentum_buffer`` is fp32), the result cast to the parameter's dtype.
+    ``skip``: the step's device-side skip flag; when set, ``param`` and ``momentum_buffer`` keep their values.
     """
-    momentum_buffer.mul_(momentum).add_(direction)
-    p32 = _f32(param)  # the parameter itself when fp32/fp64, an fp32 copy otherwise
+    m = momentum_buffer.mul(momentum).add_(direction)
+    p = _f32(param)  # fp32 arithmetic (float64 for float64 parameters); out of place until the writes
     if weight_decay != 0.0:
-        p32.mul_(1.0 - lr * weight_decay)
-    p32.add_(momentum_buffer, alpha=-lr)
-    if p32 is not param:
-        param.copy_(p32)
+        p = p.mul(1.0 - lr * weight_decay)
+    p = p.add(m, alpha=-lr)
+    if skip is not None:
+        skipped = skip.reshape(1) if skip.dtype == torch.bool else skip.reshape(1) != 0
+        m, p = torch.where(skipped, momentum_buffer, m), torch.where(skipped, param, p)
+    momentum_buffer.copy_(m)
+    param.copy_(p)

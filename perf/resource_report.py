@@ -29,32 +29,32 @@ from triton.compiler import ASTSource
 ARCH = 90
 _F = "*fp32"
 BLOCK_UPDATE_SIG = {
-    "f_ptr": _F, "g_ptr": _F, "p_ptr": _F, "m_ptr": _F, "count_ptr": "*i32",
+    "f_ptr": _F, "g_ptr": _F, "p_ptr": _F, "m_ptr": _F, "count_ptr": "*i32", "skip_ptr": "*u8",
     "n_blocks": "i32", "n_chunks": "i32", "cols": "i32",
     "damping": "fp32", "lr": "fp32", "momentum": "fp32", "weight_decay": "fp32",
-    "B": "constexpr", "B_PAD": "constexpr", "T": "constexpr", "BLOCKS": "constexpr",
+    "B": "constexpr", "B_PAD": "constexpr", "T": "constexpr", "BLOCKS": "constexpr", "HAS_SKIP": "constexpr",
 }
 GROUPED_SIG = {
-    "table_ptr": "*i64", "work_ptr": "*i64", "proto_ptr": "*bf16", "count_ptr": "*i32",
+    "table_ptr": "*i64", "work_ptr": "*i64", "proto_ptr": "*bf16", "count_ptr": "*i32", "skip_ptr": "*u8",
     "damping": "fp32", "lr": "fp32", "momentum": "fp32", "weight_decay": "fp32",
-    "B": "constexpr", "B_PAD": "constexpr", "T": "constexpr", "BLOCKS": "constexpr",
+    "B": "constexpr", "B_PAD": "constexpr", "T": "constexpr", "BLOCKS": "constexpr", "HAS_SKIP": "constexpr",
 }
 LINEAR_SIG = {
-    "f_ptr": _F, "part_ptr": _F, "x_ptr": _F, "g_ptr": _F, "M": "i32", "n_in": "i32", "n_out": "i32",
+    "f_ptr": _F, "part_ptr": _F, "x_ptr": _F, "g_ptr": _F, "skip_ptr": "*u8", "M": "i32", "n_in": "i32", "n_out": "i32",
     "n_chunks": "i32", "scale2_over_m": "fp32", "decay": "fp32",
     "s_xm": "i64", "s_xi": "i64", "s_gm": "i64", "s_go": "i64",
     "B": "constexpr", "T": "constexpr", "BLOCK_O": "constexpr", "BLOCK_M": "constexpr", "BLOCK_T": "constexpr",
-    "PARTIAL": "constexpr", "PRECISION": "constexpr",
+    "PARTIAL": "constexpr", "PRECISION": "constexpr", "HAS_SKIP": "constexpr",
 }
 CONV_SIG = {
-    "f_ptr": _F, "part_ptr": _F, "x_ptr": _F, "g_ptr": _F,
+    "f_ptr": _F, "part_ptr": _F, "x_ptr": _F, "g_ptr": _F, "skip_ptr": "*u8",
     **{n: "i32" for n in ("N", "chunk", "n_t_tiles", "n_blocks", "Cg", "Og", "L", "L2", "L3", "K2", "K3")},
     "scale2_over_n": "fp32", "decay": "fp32",
     **{n: "i32" for n in ("S1", "S2", "S3", "st1", "st2", "st3", "dl1", "dl2", "dl3", "p1", "p2", "p3")},
     **{n: "i64" for n in ("sx_n", "sx_c", "sx_1", "sx_2", "sx_3", "sg_n", "sg_o", "sg_l1", "sg_l2", "sg_l3")},
     "B": "constexpr", "B_PAD": "constexpr", "T": "constexpr",
     "BLOCK_O": "constexpr", "BLOCK_L": "constexpr", "BLOCK_T": "constexpr",
-    "PRECISION": "constexpr", "FULL": "constexpr", "PARTIAL": "constexpr",
+    "PRECISION": "constexpr", "FULL": "constexpr", "PARTIAL": "constexpr", "HAS_SKIP": "constexpr",
 }
 
 
@@ -66,7 +66,9 @@ def cuobjdump() -> Path:
 
 
 def resources(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int = 2) -> dict[str, int]:
-    """Registers, stack (spill) bytes and static shared memory of one compiled configuration."""
+    """Registers, stack (spill) bytes and static shared memory of one compiled configuration (with the skip
+    flag, as the optimizer launches every kernel)."""
+    constexprs = {**constexprs, "HAS_SKIP": True}
     kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                             target=GPUTarget("cuda", ARCH, 32), options={"num_warps": num_warps,
                                                                          "num_stages": num_stages})
