@@ -95,6 +95,18 @@ class _Plan:
 
 
 @dataclass
+class _DiagBatch:
+    """The 1x1-block statistics of one device and decay, folded into ``F`` by one ``diag_fisher_ema_``:
+    parameters without per-sample data (their batch gradient) and layer biases (their batch statistic)."""
+
+    grad_fs: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    fhat_fs: list[torch.Tensor]
+    fhats: list[torch.Tensor]
+    states: list[dict[str, Any]]
+
+
+@dataclass
 class _Unsettled:
     """A step whose skip flag the host has not read yet: its counters are provisional until then."""
 
@@ -280,15 +292,15 @@ class MBF(Optimizer):
             self._pending_capture = False
             counted: list[dict[str, Any]] = []
             first = False
-            diag: dict[tuple, tuple[list, list, list]] = {}  # (device, decay) -> F, grad, state of 1x1 params
+            diag: dict[tuple, _DiagBatch] = {}  # (device, decay) -> the 1x1-block statistics done together
             for entry in plan.entries:
                 first |= self._statistics(entry, stat_step, diag, skip, counted)
-            for (device, decay), (fs, grads, states) in diag.items():
-                ref.diag_fisher_ema_(fs, grads, decay, skip[device])
-                for state in states:
+            for (device, decay), d in diag.items():
+                ref.diag_fisher_ema_(d.grad_fs + d.fhat_fs, d.grads, decay, skip[device], fhats=d.fhats)
+                for state in d.states:
                     first |= state["stat_steps"] == 0
                     state["stat_steps"] += 1
-                counted += states
+                counted += d.states
             for batch in plan.batches:
                 self._apply(batch, lrs[id(batch.group)], skip[batch.members[0].param.device])
             for device, step_count in self._fallback_step.items():
@@ -318,7 +330,8 @@ class MBF(Optimizer):
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for g in grads:
             by_device.setdefault(g.device, []).append(g)
-        bad = {device: torch.stack(torch._foreach_norm(gs, float("inf"))).isfinite().all().logical_not()
+        # max |g| < inf is false for NaN and Inf (two ops where isfinite takes four)
+        bad = {device: (torch.stack(torch._foreach_norm(gs, math.inf)) < math.inf).all().logical_not()
                for device, gs in by_device.items()}
         if len(bad) > 1:  # one step on several devices: skipped everywhere or nowhere
             anywhere = [torch.stack([b.to(device) for b in bad.values()]).any() for device in bad]
@@ -406,11 +419,12 @@ class MBF(Optimizer):
                 f"layout {layout} (was block_size changed after the first step?)"
             )
 
-    def _statistics(self, entry: _Entry, stat_step: bool, diag: dict[tuple, tuple[list, list, list]],
+    def _statistics(self, entry: _Entry, stat_step: bool, diag: dict[tuple, _DiagBatch],
                     skip: dict[torch.device, torch.Tensor], counted: list[dict[str, Any]]) -> bool:
         """Fold this step's batch Fisher into ``F`` when the schedule (or a first step) asks for it.
-        Parameters of 1x1 blocks without per-sample data are collected in ``diag`` (done together); the
-        states whose ``stat_steps`` this counts go to ``counted``. True if this is ``F``'s first statistic."""
+        1x1-block statistics formed by torch ops (norm scales, biases) are collected in ``diag`` (done
+        together); the states whose ``stat_steps`` this counts go to ``counted``. True if this is ``F``'s
+        first statistic."""
         p, module, layout = entry.param, entry.module, entry.layout
         state = self.state[p]
         if not (stat_step or state["stat_steps"] == 0):
@@ -423,13 +437,22 @@ class MBF(Optimizer):
             self._pending_capture = True
             return False
         decay = entry.group["stat_decay"] if state["stat_steps"] > 0 else 0.0
-        if not records and layout.b == 1:  # stat_steps is counted once the batched update has run
-            fs, grads, states = diag.setdefault((p.device, decay), ([], [], []))
-            fs.append(state["F"])
-            grads.append(p.grad)
-            states.append(state)
-            return False  # the caller tells first statistics of these
-        self._update_statistics(entry.backend, p, module, layout, state["F"], decay, records, skip[p.device])
+        if layout.b == 1 and not (records and p is module.weight):
+            # 1x1 blocks whose statistic torch ops form (norm scales, biases): folded together with the others
+            # of this device and decay; the caller counts them
+            d = diag.setdefault((p.device, decay), _DiagBatch([], [], [], [], []))
+            if records:
+                d.fhat_fs.append(state["F"])
+                d.fhats.append(self._batch_statistics(entry.backend, p, module, layout, state["F"], decay, records,
+                                                      skip[p.device]))
+            else:
+                d.grad_fs.append(state["F"])
+                d.grads.append(p.grad)
+            d.states.append(state)
+            return False
+        fhat = self._batch_statistics(entry.backend, p, module, layout, state["F"], decay, records, skip[p.device])
+        if fhat is not None:  # formed by torch ops: no kernel folded it in
+            ref.fisher_ema_(state["F"], fhat, decay, skip[p.device])
         state["stat_steps"] += 1
         counted.append(state)
         return state["stat_steps"] == 1
@@ -463,46 +486,43 @@ class MBF(Optimizer):
         """Factor turning the captured gradient of the reduced loss into a per-sample gradient."""
         return float(n) if self.loss_reduction == "mean" else 1.0
 
-    def _update_statistics(
+    def _batch_statistics(
         self, backend, p: torch.Tensor, module: nn.Module | None, layout: Layout, f: torch.Tensor, decay: float,
         records: list[Record], skip: torch.Tensor,
-    ) -> None:
+    ) -> torch.Tensor | None:
+        """This step's batch Fisher of ``p``: folded into ``f`` by the backend's kernel (returns None), or
+        returned packed, ``(n_blocks, T)``, where torch ops form it (biases, rare paths)."""
         if not records:
             # No per-sample information: the batch gradient stands in for one sample, Fhat_i = g_i g_i^T.
             g = ref.to_blocks(layout.matrix(p.grad.contiguous()).float(), layout.b)
-            ref.fisher_ema_(f, ref.outer_fisher(g[None]), decay, skip)
-            return
+            return ref.outer_fisher(g[None])
         if isinstance(module, CONV_TYPES):
-            self._conv_statistics(backend, p, module, layout, f, decay, records, skip)
-        else:
-            self._linear_statistics(backend, p, module, layout, f, decay, records, skip)
+            return self._conv_statistics(backend, p, module, layout, f, decay, records, skip)
+        return self._linear_statistics(backend, p, module, layout, f, decay, records, skip)
 
-    def _linear_statistics(self, backend, p, module, layout, f, decay, records: list[Record], skip) -> None:
+    def _linear_statistics(self, backend, p, module, layout, f, decay, records: list[Record], skip):
         xs = [r.input.reshape(-1, module.in_features) for r in records]
         gs = [r.grad_output.reshape(-1, module.out_features) for r in records]
         x, gout, scale = self._pool(xs, gs)
         if p is module.weight:
             backend.linear_fisher_ema_(f, x, gout, b=layout.b, scale=scale, decay=decay, skip=skip)
-        else:  # bias: per-sample gradient scale * gout[m]
-            fhat = gout.float().square().mean(dim=0).mul_(scale * scale)
-            ref.fisher_ema_(f, fhat[:, None], decay, skip)
+            return None
+        return gout.float().square().mean(dim=0).mul_(scale * scale)[:, None]  # bias: per-sample scale * gout[m]
 
-    def _conv_statistics(self, backend, p, module, layout, f, decay, records: list[Record], skip) -> None:
+    def _conv_statistics(self, backend, p, module, layout, f, decay, records: list[Record], skip):
         d = len(module.kernel_size)
         xs = [r.input if r.input.dim() == d + 2 else r.input.unsqueeze(0) for r in records]
         gs = [r.grad_output if r.grad_output.dim() == d + 2 else r.grad_output.unsqueeze(0) for r in records]
         if len({x.shape[1:] for x in xs}) > 1:  # records of different spatial sizes: pool the Fhats
             n_total = sum(x.shape[0] for x in xs)
-            fhat = sum(x.shape[0] * self._conv_fhat(p, module, x, g, self._sample_scale(x.shape[0]))
+            return sum(x.shape[0] * self._conv_fhat(p, module, x, g, self._sample_scale(x.shape[0]))
                        for x, g in zip(xs, gs)) / n_total
-            ref.fisher_ema_(f, fhat, decay, skip)
-            return
         x, gout, scale = self._pool(xs, gs)
         if p is module.weight:
             backend.conv_fisher_ema_(f, x, gout, geometry=_conv_geometry(module), groups=module.groups,
                                      scale=scale, decay=decay, skip=skip)
-        else:
-            ref.fisher_ema_(f, self._conv_fhat(p, module, x, gout, scale), decay, skip)
+            return None
+        return self._conv_fhat(p, module, x, gout, scale)
 
     @staticmethod
     def _conv_fhat(p, module, x, gout, scale: float) -> torch.Tensor:

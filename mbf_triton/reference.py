@@ -18,6 +18,7 @@ Storage conventions shared with the Triton kernels (``kernels/``):
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -225,26 +226,36 @@ def fisher_ema_(f: torch.Tensor, fhat: torch.Tensor, decay: float, skip: torch.T
     """
     fhat = fhat.to(f.dtype)
     new = fhat if decay == 0.0 else torch.lerp(fhat, f, decay)
-    ok = and_not_skipped(torch.isfinite(new).all(dim=-1, keepdim=True), skip)
+    # |x| < inf is false for NaN and +-Inf: torch.isfinite in two elementwise ops instead of four
+    ok = and_not_skipped((new.abs() < math.inf).all(dim=-1, keepdim=True), skip)
     f.copy_(torch.where(ok, new, f))
     return f
 
 
 def diag_fisher_ema_(
-    fs: list[torch.Tensor], grads: list[torch.Tensor], decay: float, skip: torch.Tensor | None = None
+    fs: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    decay: float,
+    skip: torch.Tensor | None = None,
+    fhats: list[torch.Tensor] = (),
 ) -> None:
-    """:func:`fisher_ema_` with ``Fhat = g**2`` for many parameters of 1x1 mini-blocks at once.
+    """:func:`fisher_ema_` for many parameters of 1x1 mini-blocks at once.
 
-    The statistic of a parameter without per-sample information (biases, norm scales, ...): its batch
-    gradient stands in for one sample, ``Fhat_i = g_i^2`` (:func:`outer_fisher` of one sample). ``fs``:
-    ``(numel, 1)`` running estimates on one device, ``grads`` the matching gradients. The same numbers as
-    one :func:`fisher_ema_` per parameter, in a fixed handful of launches instead of several per parameter.
+    ``fs``: ``(numel, 1)`` running estimates on one device: first those of the parameters in ``grads``,
+    then those of ``fhats``. A parameter without per-sample information (norm scales, ...) has its batch
+    gradient in ``grads``: it stands in for one sample, ``Fhat_i = g_i^2`` (:func:`outer_fisher` of one
+    sample). One with per-sample information (a layer's bias) has its batch statistic in ``fhats``. The
+    same numbers as one :func:`fisher_ema_` per parameter, in a fixed handful of launches instead of
+    several per parameter.
     """
     if not fs:
         return
-    if len(fs) != len(grads):
-        raise ValueError("fs and grads must have the same length")
-    fhat = torch.cat([g.reshape(-1).float() for g in grads]).square_()  # fp32 like F (float64 grads too)
+    if len(fs) != len(grads) + len(fhats):
+        raise ValueError("fs must hold one tensor per entry of grads and fhats")
+    parts = [h.reshape(-1).float() for h in fhats]
+    if grads:  # fp32 like F (float64 grads too)
+        parts.insert(0, torch.cat([g.reshape(-1).float() for g in grads]).square_())
+    fhat = torch.cat(parts) if len(parts) > 1 else parts[0]
     f = torch.cat([x.reshape(-1) for x in fs])
     fisher_ema_(f[:, None], fhat[:, None], decay, skip)
     torch._foreach_copy_([x.view(-1) for x in fs], list(f.split([x.numel() for x in fs])))

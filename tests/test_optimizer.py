@@ -453,16 +453,17 @@ def test_cached_step_plan_follows_changes_between_steps(mutate):
 
 
 def test_statistics_of_all_1x1_block_parameters_are_one_batched_update(monkeypatch):
-    """Biases and norm scales without per-sample data (here: 2 BatchNorm layers, 4 parameters) take one
-    ``diag_fisher_ema_`` per statistics step, not several launches per parameter."""
+    """Norm scales without per-sample data (here: 2 BatchNorm layers, 4 parameters) and layer biases (the
+    Linear's, from its per-sample data) take one ``diag_fisher_ema_`` per statistics step, not several
+    launches per parameter."""
     from mbf_triton import reference
 
     calls = []
     real = reference.diag_fisher_ema_
 
-    def spy(fs, grads, decay, skip=None):
-        calls.append((len(fs), decay))
-        real(fs, grads, decay, skip)
+    def spy(fs, grads, decay, skip=None, fhats=()):
+        calls.append((len(grads), len(fhats), decay))
+        real(fs, grads, decay, skip, fhats=fhats)
 
     monkeypatch.setattr(reference, "diag_fisher_ema_", spy)
     torch.manual_seed(0)
@@ -471,7 +472,7 @@ def test_statistics_of_all_1x1_block_parameters_are_one_batched_update(monkeypat
     model(torch.randn(2, 1, 8, 8))
     opt = MBF(model, backend="torch", stat_every=2, stat_decay=0.5)
     run_steps(model, opt, 3)
-    assert calls == [(4, 0.0), (4, 0.5)]  # steps 0 and 2
+    assert calls == [(4, 1, 0.0), (4, 1, 0.5)]  # steps 0 and 2
     bn = model[1].weight
     assert opt.state[bn]["stat_steps"] == 2
 
@@ -525,14 +526,14 @@ def test_failed_statistics_step_leaves_first_estimates_pending():
     torch.manual_seed(0)
     model = nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 3))
     opt = MBF(model, backend="torch", stat_every=1)
-    real = opt._update_statistics
+    real = opt._batch_statistics
 
     def flaky(backend, p, *args, **kw):
         if p is model[1].weight:
             raise RuntimeError("out of memory (simulated)")
         return real(backend, p, *args, **kw)
 
-    opt._update_statistics = flaky
+    opt._batch_statistics = flaky
     model(torch.randn(8, 4)).pow(2).mean().backward()
     with pytest.raises(RuntimeError, match="simulated"):
         opt.step()

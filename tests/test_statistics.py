@@ -150,21 +150,29 @@ def test_parameters_outside_supported_layers_use_batch_gradient():
 
 
 def test_diag_statistics_of_many_parameters_equal_one_at_a_time():
-    """``diag_fisher_ema_`` (one batched update for all 1x1-block parameters) gives the same bits as
-    ``fisher_ema_(outer_fisher)`` per parameter, for mixed dtypes, both decays, and an overflowing square."""
+    """``diag_fisher_ema_`` (one batched update for all 1x1-block parameters) gives the same bits as one
+    ``fisher_ema_`` per parameter: ``outer_fisher`` of the batch gradient for parameters without per-sample
+    data, the given statistic for biases; mixed dtypes, both decays, an overflowing square, a NaN."""
     gen = torch.Generator().manual_seed(4)
     grads = [torch.randn(7, generator=gen), torch.randn(3, 2, generator=gen).bfloat16(),
              torch.randn(1, generator=gen).half(), torch.randn(5, generator=gen)]
     grads[3][2] = 3e19  # its square overflows fp32: that entry keeps its old value
+    fhats = [torch.rand(4, 1, generator=gen), torch.rand(2, 1, generator=gen)]
+    fhats[1][0] = float("nan")
     for decay in (0.0, 0.9):
-        fs = [torch.rand(g.numel(), 1, generator=gen) for g in grads]
-        expected = [f.clone() for f in fs]
+        fs = [torch.rand(g.numel(), 1, generator=gen) for g in grads + fhats]
+        old, expected = [f.clone() for f in fs], [f.clone() for f in fs]
         for f, g in zip(expected, grads):
             ref.fisher_ema_(f, ref.outer_fisher(g.reshape(1, -1, 1)), decay)
-        ref.diag_fisher_ema_(fs, grads, decay)
+        for f, h in zip(expected[len(grads):], fhats):
+            ref.fisher_ema_(f, h, decay)
+        ref.diag_fisher_ema_(fs, grads, decay, fhats=fhats)
         for f, e in zip(fs, expected):
             assert torch.equal(f, e)
         assert torch.isfinite(fs[3]).all() and fs[3][2] == expected[3][2]
+        assert fs[-1][0] == old[-1][0] and fs[-1][1] != old[-1][1]  # the NaN statistic kept the old value
+    with pytest.raises(ValueError, match="one tensor per entry"):
+        ref.diag_fisher_ema_(fs, grads, 0.5)
 
 
 def test_gradient_accumulation_pools_samples():
