@@ -10,9 +10,9 @@ import triton.language as tl
 def skip_flag(skip: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     """``skip`` as the kernels read it: a one-element ``uint8`` view on ``device`` (None: no flag).
 
-    A set flag (non-zero) makes every kernel that writes optimizer state return before touching it: the
-    optimizer's check for non-finite gradients stays on the device and the step needs no host sync (as
-    the ``found_inf`` argument of torch's fused optimizers). ``skip``: ``bool`` or ``uint8``, one element.
+    A set flag (non-zero) masks off every store of optimizer state in the kernels (see :func:`keep_step`):
+    the optimizer's check for non-finite gradients stays on the device and the step needs no host sync
+    (as the ``found_inf`` argument of torch's fused optimizers). ``skip``: ``bool`` or ``uint8``, one element.
     """
     if skip is None:
         return None

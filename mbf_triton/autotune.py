@@ -528,6 +528,12 @@ class Choice:
     trials: list[Trial] = field(default_factory=list, repr=False)
 
 
+def _cleared_flag(device: torch.device) -> torch.Tensor:
+    """A clear skip flag: trial launches compile, time and prune the kernel variant the optimizer runs
+    (it always passes its step's flag, and the flag changes register allocation)."""
+    return torch.zeros(1, dtype=torch.bool, device=device)
+
+
 class Tuner:
     """Picks, records and caches one launch config per kernel key.
 
@@ -734,8 +740,9 @@ class Tuner:
             f.device,
             lambda: block_update_heuristic(b),
             lambda phase, best: block_update_candidates(b, n_blocks),
-            lambda: (param.clone(), momentum_buffer.clone(), fallback_count.clone()),
-            lambda scratch, cfg: damped_block_update_(f, grad, *scratch, **hyper, **cfg.launch_kwargs()),
+            lambda: (param.clone(), momentum_buffer.clone(), fallback_count.clone(), _cleared_flag(f.device)),
+            lambda scratch, cfg: damped_block_update_(f, grad, *scratch[:3], **hyper, skip=scratch[3],
+                                                      **cfg.launch_kwargs()),
         )
 
     def _choose(
@@ -780,8 +787,9 @@ class Tuner:
             f.device,
             lambda: default_linear_config(n_out, b * (b + 1) // 2),
             lambda phase, best: linear_stats_candidates(n_out, m, b, phase=phase, best=best),
-            f.clone,
-            lambda fs, cfg: linear_fisher_ema_(fs, x, gout, b=b, scale=scale, decay=decay, config=cfg),
+            lambda: (f.clone(), _cleared_flag(f.device)),
+            lambda scratch, cfg: linear_fisher_ema_(scratch[0], x, gout, b=b, scale=scale, decay=decay, config=cfg,
+                                                    skip=scratch[1]),
             n_phases=2,
         )
 
@@ -811,9 +819,9 @@ class Tuner:
             f.device,
             lambda: default_conv_config(og, n_l, b * (b + 1) // 2),
             lambda phase, best: conv_stats_candidates(og, n_l, b, phase=phase, best=best),
-            f.clone,
-            lambda fs, cfg: conv_fisher_ema_(fs, x, gout, **geometry.kwargs(), groups=groups, scale=scale,
-                                             decay=decay, config=cfg),
+            lambda: (f.clone(), _cleared_flag(f.device)),
+            lambda scratch, cfg: conv_fisher_ema_(scratch[0], x, gout, **geometry.kwargs(), groups=groups,
+                                                  scale=scale, decay=decay, config=cfg, skip=scratch[1]),
             n_phases=2,
         )
 

@@ -3,8 +3,9 @@
 A backend does three things to one parameter's mini-blocks: fold the batch statistics of a Linear or a
 convolution into the running Fisher ``F`` (``linear_fisher_ema_``, ``conv_fisher_ema_``), and the fused
 damped solve + momentum + weight decay + parameter write (``block_update_``). Each takes the step's
-device-side ``skip`` flag (one element; set when a gradient held NaN/Inf): when set it writes nothing, so
-the optimizer never waits for the device to decide whether a step happens. :class:`TorchBackend` does
+device-side ``skip`` flag (one element; set when a gradient held NaN/Inf): when set it changes nothing
+(the kernels store nothing; torch ops may write back the old values), so the optimizer need not wait for
+the device to decide whether a step happens. :class:`TorchBackend` does
 them with batched torch ops (:mod:`mbf_triton.reference`); :class:`TritonBackend` with the kernels in
 ``mbf_triton.kernels``. Both read and write the same state, so a checkpoint made with one loads in the
 other. :func:`get_backend` is the only place that decides which one runs.

@@ -112,8 +112,9 @@ class _Unsettled:
 
     flag: torch.Tensor  # the flag, on the host (a pinned copy of the device's) once ``event`` has completed
     event: Any  # torch.cuda.Event recorded after the copy, or None when ``flag`` can be read as it is
-    counted: list[dict[str, Any]]  # the states whose ``stat_steps`` the step incremented
+    counted: list[tuple[dict[str, Any], torch.Tensor]]  # (state, its F) whose ``stat_steps`` the step counted
     first_statistics: bool  # some of them started their statistics in this step
+    counts_step: bool = True  # False for a step that raised: ``steps`` was not incremented
 
 
 class MBF(Optimizer):
@@ -205,6 +206,7 @@ class MBF(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._settle()  # the counters are exact if the checkpoint carries none
         state_dict = dict(state_dict)
         extra = state_dict.pop("mbf", None)
         # torch.optim casts floating state to the parameter's dtype; the curvature and momentum must stay
@@ -220,10 +222,9 @@ class MBF(Optimizer):
         for pid, p in zip(ids, params):
             for k, v in kept.get(pid, {}).items():
                 self.state[p][k] = v.to(device=p.device, dtype=torch.float32)
-        self._unsettled = []  # the counters and states they would correct are replaced
         if extra is not None:
             step, skipped = int(extra["step"]), int(extra["skipped_steps"])
-            # checkpoints from before "calls" existed scheduled by steps + skips, which is the same count
+            # checkpoints from before "calls" existed: every call with gradients was a step or a skip
             self._counters = {"step": step, "skipped_steps": skipped, "calls": int(extra.get("calls", step + skipped))}
             self._fallback_total = {}
             self._fallback_step = {}
@@ -275,42 +276,51 @@ class MBF(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         try:
-            # the previous step's finite check (done on the device by now, while this step's forward and
-            # backward are still queued): the counters and the first statistics below must be exact
-            self._settle()
+            # Earlier steps' finite checks, read only where already on the host, except after a step that
+            # started some layer's statistics: whether F was initialised decides this step's EMA, so that
+            # one is waited for (its kernels are done by now, the GPU is on this step's forward/backward).
+            self._settle(wait=any(u.first_statistics for u in self._unsettled))
             active = [(g, p) for g in self.param_groups for p in g["params"]
                       if p.grad is not None and p.numel() > 0]
             if not active:
                 return loss
             # Non-finite gradients skip the whole step on the device: every kernel and reference op that
-            # writes state reads this flag, so the host never waits for the check (no sync per step).
+            # writes state reads this flag, so the host does not wait for the check.
             skip = self._nonfinite_flags([p.grad for _, p in active])
             stat_step = self._counters["calls"] % self.stat_every == 0
             # everything that can fail is resolved before the first parameter changes: no partial steps
             plan = self._plan(active)
             lrs = {id(g): float(g["lr"]) for g in self.param_groups}  # one read of a tensor lr per group
             self._pending_capture = False
-            counted: list[dict[str, Any]] = []
+            counted: list[tuple[dict[str, Any], torch.Tensor]] = []
             first = False
-            diag: dict[tuple, _DiagBatch] = {}  # (device, decay) -> the 1x1-block statistics done together
-            for entry in plan.entries:
-                first |= self._statistics(entry, stat_step, diag, skip, counted)
-            for (device, decay), d in diag.items():
-                ref.diag_fisher_ema_(d.grad_fs + d.fhat_fs, d.grads, decay, skip[device], fhats=d.fhats)
-                for state in d.states:
-                    first |= state["stat_steps"] == 0
-                    state["stat_steps"] += 1
-                counted += d.states
-            for batch in plan.batches:
-                self._apply(batch, lrs[id(batch.group)], skip[batch.members[0].param.device])
+            try:
+                diag: dict[tuple, _DiagBatch] = {}  # (device, decay) -> the 1x1-block statistics done together
+                for entry in plan.entries:
+                    first |= self._statistics(entry, stat_step, diag, skip, counted)
+                for (device, decay), d in diag.items():
+                    ref.diag_fisher_ema_(d.grad_fs + d.fhat_fs, d.grads, decay, skip[device], fhats=d.fhats)
+                    for state in d.states:
+                        first |= state["stat_steps"] == 0
+                        state["stat_steps"] += 1
+                        counted.append((state, state["F"]))
+                for batch in plan.batches:
+                    self._apply(batch, lrs[id(batch.group)], skip[batch.members[0].param.device])
+            except BaseException:
+                # Statistics counted before the error were not folded in if the step was skipped: settle
+                # them now (a wait on the error path only). The call counts as no step either way.
+                self._unsettled.append(self._unsettled_step(skip, counted, first, counts_step=False))
+                self._settle()
+                raise
             for device, step_count in self._fallback_step.items():
                 self._fallback_total[device].add_(step_count)
                 step_count.zero_()
             self._counters["calls"] += 1
             self._counters["step"] += 1  # provisional: _settle moves it to skipped_steps if the flag was set
-            self._unsettled.append(self._unsettled_step(skip, counted, first))
+            this = self._unsettled_step(skip, counted, first)
+            self._unsettled.append(this)
             self._settle(wait=False)  # at once where the flag is on the host already (CPU)
-            if first and self._unsettled:
+            if first and any(u is this for u in self._unsettled):
                 # Should this step turn out skipped, the layers that started their statistics in it start
                 # again in the next one, which then needs per-sample data: capture it, just in case.
                 self._pending_capture = True
@@ -339,15 +349,16 @@ class MBF(Optimizer):
         return {device: b.reshape(1) for device, b in bad.items()}
 
     @staticmethod
-    def _unsettled_step(skip: dict[torch.device, torch.Tensor], counted: list, first: bool) -> _Unsettled:
+    def _unsettled_step(skip: dict[torch.device, torch.Tensor], counted: list, first: bool,
+                        counts_step: bool = True) -> _Unsettled:
         flag = next(iter(skip.values()))  # the same value on every device
         if flag.device.type != "cuda":
-            return _Unsettled(flag, None, counted, first)
+            return _Unsettled(flag, None, counted, first, counts_step)
         host = torch.empty(1, dtype=torch.bool, pin_memory=True)
         host.copy_(flag, non_blocking=True)
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(flag.device))
-        return _Unsettled(host, event, counted, first)
+        return _Unsettled(host, event, counted, first, counts_step)
 
     def _settle(self, wait: bool = True) -> None:
         """Read the skip flags of past steps and correct their provisional counters: a skipped step moves
@@ -361,10 +372,12 @@ class MBF(Optimizer):
                     continue
                 u.event.synchronize()
             if int(u.flag.item()):
-                self._counters["step"] -= 1
-                self._counters["skipped_steps"] += 1
-                for state in u.counted:
-                    state["stat_steps"] -= 1
+                if u.counts_step:
+                    self._counters["step"] -= 1
+                    self._counters["skipped_steps"] += 1
+                for state, f in u.counted:
+                    if state.get("F") is f:  # not reset (state cleared, checkpoint loaded) since
+                        state["stat_steps"] -= 1
                 # statistics that were to start in it start in the next step, which needs per-sample data
                 self._pending_capture |= u.first_statistics
         self._unsettled = unsettled
@@ -420,7 +433,8 @@ class MBF(Optimizer):
             )
 
     def _statistics(self, entry: _Entry, stat_step: bool, diag: dict[tuple, _DiagBatch],
-                    skip: dict[torch.device, torch.Tensor], counted: list[dict[str, Any]]) -> bool:
+                    skip: dict[torch.device, torch.Tensor], counted: list[tuple[dict[str, Any], torch.Tensor]],
+                    ) -> bool:
         """Fold this step's batch Fisher into ``F`` when the schedule (or a first step) asks for it.
         1x1-block statistics formed by torch ops (norm scales, biases) are collected in ``diag`` (done
         together); the states whose ``stat_steps`` this counts go to ``counted``. True if this is ``F``'s
@@ -454,7 +468,7 @@ class MBF(Optimizer):
         if fhat is not None:  # formed by torch ops: no kernel folded it in
             ref.fisher_ema_(state["F"], fhat, decay, skip[p.device])
         state["stat_steps"] += 1
-        counted.append(state)
+        counted.append((state, state["F"]))
         return state["stat_steps"] == 1
 
     def _apply(self, batch: _Batch, lr: float, skip: torch.Tensor) -> None:

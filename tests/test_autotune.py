@@ -225,6 +225,37 @@ def test_stats_tuning_does_not_mutate_state():
     assert {r["kernel"] for r in tuner.report()} == {"linear_stats", "conv_stats"}
 
 
+def test_trial_launches_run_the_variant_the_optimizer_runs(monkeypatch):
+    """The optimizer always passes its step's skip flag, which changes the compiled kernel (registers):
+    trials compile, time and prune that variant, with a clear flag."""
+    device = kernel_device()
+    from mbf_triton.kernels import block_update, fisher_stats
+
+    seen = []
+
+    def spy(real):
+        def launch(*args, **kwargs):
+            seen.append((real.__name__, kwargs.get("skip")))
+            return real(*args, **kwargs)
+        return launch
+
+    for mod, name in ((block_update, "damped_block_update_"), (fisher_stats, "linear_fisher_ema_"),
+                      (fisher_stats, "conv_fisher_ema_")):
+        monkeypatch.setattr(mod, name, spy(getattr(mod, name)))
+    tensors, kw = block_update_inputs(device, rows=6, cols=8, b=3, dtype=torch.float32)
+    tuner = Tuner(mode="force", timer=FakeTimer(run=True), disk_cache=False)
+    tuner.block_update_config(*tensors, **kw)
+    gen = torch.Generator().manual_seed(3)
+    x, gout = torch.randn(5, 7, generator=gen).to(device), torch.randn(5, 4, generator=gen).to(device)
+    tuner.linear_stats_config(torch.zeros(4 * 3, 6, device=device), x, gout, b=3, scale=1.0, decay=0.5)
+    xc, g = torch.randn(2, 2, 4, 4, generator=gen).to(device), torch.randn(2, 3, 3, 3, generator=gen).to(device)
+    tuner.conv_stats_config(torch.zeros(6, 10, device=device), xc, g,
+                            geometry=ConvGeometry((2, 2), (1, 1), ((0, 0), (0, 0)), (1, 1)), groups=1, scale=1.0,
+                            decay=0.5)
+    assert {name for name, _ in seen} == {"damped_block_update_", "linear_fisher_ema_", "conv_fisher_ema_"}
+    assert all(flag is not None and flag.numel() == 1 and not flag.any() for _, flag in seen)
+
+
 def test_optimizer_with_tuning_matches_heuristic_and_reports_layers(monkeypatch):
     device = kernel_device()
 

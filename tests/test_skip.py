@@ -9,6 +9,7 @@ that a skipped step was to start.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -164,17 +165,48 @@ def _convnet(seed: int = 0) -> nn.Module:
                          nn.Linear(3 * 5 * 5, 4))
 
 
-def _batch(seed: int):
+class _EveryPath(nn.Module):
+    """A model whose parameters take every statistics and update path: conv b=9 with a bias (per-sample
+    bias statistics), b=81 (beyond the register tile: torch update on the Triton backend), 1x1 conv
+    (b=1 kernel), a conv used at two spatial sizes (pooled reference statistics), BatchNorm and a bare
+    parameter (batch-gradient 1x1 statistics), Linear weight and bias; built channels_last, so the conv
+    weights are not contiguous (updated through a copy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 3, 3, padding=1)
+        self.c9 = nn.Conv2d(3, 2, 9, padding=4, bias=False)
+        self.bn = nn.BatchNorm2d(2)
+        self.c11 = nn.Conv2d(2, 2, 1)
+        self.cm = nn.Conv2d(2, 2, 3, padding=1)
+        self.lin = nn.Linear(2 * 5 * 5, 4)
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c11(self.bn(self.c9(self.c1(x))).relu())
+        h = self.cm(h)
+        small = self.cm(h[:, :, :3, :3])
+        return self.lin(h.flatten(1)) * self.scale + small.mean()
+
+
+def _every_path(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = _EveryPath().to(memory_format=torch.channels_last)
+    assert not model.c1.weight.is_contiguous()
+    return model
+
+
+def _batch(seed: int, n: int = 6):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(6, 2, 5, 5, generator=gen), torch.randint(0, 4, (6,), generator=gen)
+    return torch.randn(n, 2, 5, 5, generator=gen), torch.randint(0, 4, (n,), generator=gen)
 
 
-def _backward(model, seed: int, device: str, poison: bool = False) -> None:
-    x, y = _batch(seed)
+def _backward(model, seed: int, device: str, poison: bool = False, n: int = 6) -> None:
+    x, y = _batch(seed, n)
     model.zero_grad(set_to_none=True)
     nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
     if poison:
-        model[0].weight.grad.view(-1)[3] = float("nan")
+        next(model.parameters()).grad.view(-1)[3] = float("nan")
 
 
 def _snapshot(model, opt):
@@ -212,21 +244,23 @@ def _backends():
 
 @pytest.mark.parametrize("backend", _backends())
 def test_a_poisoned_step_changes_nothing_and_reads_nothing(backend, monkeypatch):
-    """Statistics and update steps with a NaN gradient: parameters, momentum, curvature, stat_steps and
-    the fallback count stay as they were, bit for bit; the step body never reads a device value (the
-    previous step's flag is read at the start of the next step, outside the guarded part)."""
+    """Statistics and update steps with a NaN gradient, on a model that takes every path (and one
+    indefinite curvature block, which a step that ran would count as a fallback): parameters, momentum,
+    curvature, stat_steps and the fallback count stay as they were, bit for bit; the step body never
+    reads a device value (the flags are read by _settle, outside the guarded part)."""
     device = "cuda" if HAS_CUDA and not INTERPRET else "cpu"
-    model = _convnet().to(device)
-    opt = MBF(model, lr=0.05, damping=0.1, stat_every=2, backend=backend)
+    model = _every_path().to(device)
+    opt = MBF(model, lr=0.05, damping=0.1, stat_every=2, block_size=4, backend=backend)
     for i in range(2):  # state exists, configurations chosen
-        _backward(model, i, device)
+        _backward(model, i, device, n=2)  # two samples: the b=81 statistics are slow under the interpreter
         opt.step()
     settle = MBF._settle
     for i, stat_step in ((2, True), (3, False)):
         assert (opt._counters["calls"] % opt.stat_every == 0) == stat_step
         opt._settle()
+        opt.state[model.lin.weight]["F"][0] = -5.0  # indefinite: a step that ran would count a fallback
         before = _snapshot(model, opt)
-        _backward(model, i, device, poison=True)
+        _backward(model, i, device, poison=True, n=2)
         monkeypatch.setattr(MBF, "_settle", lambda self, wait=True: None)
         with _NoHostReads():
             opt.step()
@@ -236,9 +270,9 @@ def test_a_poisoned_step_changes_nothing_and_reads_nothing(backend, monkeypatch)
         assert all(torch.equal(a, b) for a, b in zip(before[0], after[0])), i
         assert before[1:] == after[1:], i
     assert (opt.steps, opt.skipped_steps) == (2, 2)
-    _backward(model, 4, device)  # and training goes on
+    _backward(model, 5, device, n=2)  # and training goes on (an update step: the indefinite block is counted)
     opt.step()
-    assert (opt.steps, opt.skipped_steps) == (3, 2)
+    assert (opt.steps, opt.skipped_steps, opt.fallback_blocks) == (3, 2, 1)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -252,26 +286,36 @@ class _LateEvent:
         pass
 
 
-def test_skipped_first_statistics_start_again_in_the_next_step(monkeypatch):
-    """The first step (which starts every F) has a NaN gradient and its flag is read only at the next
-    step, as on a GPU. Meanwhile the counters are provisional and the next forward/backward is captured
-    anyway; the next step then finds the skip and starts the statistics from its own batch: the model and
-    the state end exactly as those of a run that never saw the poisoned step."""
+def _late_flags(monkeypatch) -> None:
+    """Make every step's flag arrive late, as on a GPU: read only when a step or a counter waits for it."""
     real = MBF._unsettled_step
 
-    def late(skip, counted, first):
-        u = real(skip, counted, first)
+    def late(*args, **kwargs):
+        u = real(*args, **kwargs)
         u.event = _LateEvent()
         return u
 
     monkeypatch.setattr(MBF, "_unsettled_step", staticmethod(late))
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["flag-at-once", "flag-late"])
+def test_skipped_first_statistics_start_again_in_the_next_step(late, monkeypatch):
+    """The first step (which starts every F) has a NaN gradient. Its flag is read at once (CPU) or only at
+    the next step (as on a GPU: meanwhile the counters are provisional and the next forward/backward is
+    captured just in case). Either way the next step starts the statistics from its own batch, and the
+    model and the state end exactly as those of a run that never saw the poisoned step."""
+    if late:
+        _late_flags(monkeypatch)
     model, clean = _convnet(), _convnet()
     opt = MBF(model, lr=0.05, damping=0.1, backend="torch")
     ref_opt = MBF(clean, lr=0.05, damping=0.1, backend="torch")
     _backward(model, 0, "cpu", poison=True)
     opt.step()
-    assert opt._counters["step"] == 1 and len(opt._unsettled) == 1  # provisional
-    assert opt._capture.capturing  # just in case the step turns out skipped
+    if late:
+        assert opt._counters["step"] == 1 and len(opt._unsettled) == 1  # provisional
+    else:
+        assert opt._counters["step"] == 0 and not opt._unsettled
+    assert opt._capture.capturing  # the statistics must start again in the next step
     _backward(model, 1, "cpu")
     opt.step()
     _backward(clean, 1, "cpu")
@@ -281,7 +325,7 @@ def test_skipped_first_statistics_start_again_in_the_next_step(monkeypatch):
         assert torch.equal(p, q)
         assert torch.equal(opt.state[p]["F"], ref_opt.state[q]["F"])
         assert opt.state[p]["stat_steps"] == ref_opt.state[q]["stat_steps"] == 1
-    assert opt._capture.capturing  # step 1 restarted the statistics and is itself unsettled: just in case
+    assert opt._capture.capturing == late  # step 1 restarted the statistics; unsettled: just in case
     _backward(model, 2, "cpu")
     opt.step()
     _backward(clean, 2, "cpu")
@@ -313,10 +357,63 @@ def test_statistics_schedule_counts_skipped_steps():
     assert opt2._counters["calls"] == 7
 
 
+def test_a_step_that_raises_after_skipped_statistics_uncounts_them(monkeypatch):
+    """A poisoned first step whose later layer raises (say, out of memory) after the first layer's
+    statistics were counted: the count is undone (F was not touched), so the next good step initialises F
+    instead of averaging into zeros; the call counts as no step at all."""
+    _late_flags(monkeypatch)
+    model, clean = _convnet(), _convnet()
+    opt = MBF(model, lr=0.05, damping=0.1, backend="torch")
+    real = MBF._linear_statistics
+
+    def boom(self, *args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    _backward(model, 0, "cpu", poison=True)
+    monkeypatch.setattr(MBF, "_linear_statistics", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        opt.step()
+    monkeypatch.setattr(MBF, "_linear_statistics", real)
+    assert opt.state[model[0].weight]["stat_steps"] == 0
+    assert (opt.steps, opt.skipped_steps, opt._counters["calls"]) == (0, 0, 0)
+    ref_opt = MBF(clean, lr=0.05, damping=0.1, backend="torch")
+    for m, o in ((model, opt), (clean, ref_opt)):
+        _backward(m, 1, "cpu")
+        o.step()
+    for p, q in zip(model.parameters(), clean.parameters()):
+        assert torch.equal(p, q) and torch.equal(opt.state[p]["F"], ref_opt.state[q]["F"])
+
+
+def test_state_reset_or_checkpoint_load_while_a_skip_is_unsettled(monkeypatch):
+    """A state cleared in place after a skipped, not yet settled statistics step is left alone by the late
+    correction (the next step re-creates it and starts its statistics); a checkpoint loaded while a skip
+    is unsettled keeps its own counters (the pending correction is applied before, not after, the load)."""
+    _late_flags(monkeypatch)
+    model = _convnet()
+    opt = MBF(model, lr=0.05, backend="torch", stat_every=1)
+    _backward(model, 0, "cpu")
+    opt.step()
+    checkpoint = copy.deepcopy(opt.state_dict())  # steps 1, skipped 0 (as torch.save would keep it)
+    _backward(model, 1, "cpu", poison=True)
+    opt.step()
+    w = model[0].weight
+    opt.state[w].clear()
+    _backward(model, 2, "cpu")
+    opt.step()  # re-creates the state; its first statistics come from this batch
+    assert (opt.steps, opt.skipped_steps) == (2, 1)  # settles step 1
+    assert opt.state[w]["stat_steps"] == 1
+    _backward(model, 3, "cpu", poison=True)
+    opt.step()
+    opt.load_state_dict(checkpoint)
+    assert (opt.steps, opt.skipped_steps) == (1, 0)
+    assert all(s["stat_steps"] == 1 for s in opt.state.values())
+
+
 @pytest.mark.gpu
 def test_steps_never_synchronise_on_a_gpu():
-    """CUDA's sync debug mode raises on any synchronising call inside the steps (after the first ones,
-    which choose launch configurations)."""
+    """CUDA's sync debug mode raises on a synchronising torch call (a blocking copy, ``item()``, a stream
+    sync) inside the steps after the first ones, which choose launch configurations. (It does not see an
+    event wait, which the step after one that started statistics makes on purpose.)"""
     model = _convnet().cuda()
     opt = MBF(model, lr=0.05, stat_every=2, backend="triton")
     for i in range(3):
