@@ -66,7 +66,9 @@ __all__ = [
 
 ENV_ENABLE = "MBF_TRITON_AUTOTUNE"
 ENV_CACHE_DIR = "MBF_TRITON_CACHE_DIR"
-CACHE_FORMAT = 2  # 2: conv statistics read x with in-kernel padding, whole blocks for b <= 16, precision
+# 2: conv statistics read x with in-kernel padding, whole blocks for b <= 16, precision;
+# 3: every kernel takes the step's skip flag (other register allocation: entries timed without it are stale)
+CACHE_FORMAT = 3
 KERNELS = ("block_update", "linear_stats", "conv_stats")
 MODES = ("auto", "off", "force")
 

@@ -106,7 +106,7 @@ class _DiagBatch:
     states: list[dict[str, Any]]
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (list.remove in _settle)
 class _Unsettled:
     """A step whose skip flag the host has not read yet: its counters are provisional until then."""
 
@@ -315,10 +315,10 @@ class MBF(Optimizer):
             for device, step_count in self._fallback_step.items():
                 self._fallback_total[device].add_(step_count)
                 step_count.zero_()
-            self._counters["calls"] += 1
-            self._counters["step"] += 1  # provisional: _settle moves it to skipped_steps if the flag was set
             this = self._unsettled_step(skip, counted, first)
             self._unsettled.append(this)
+            self._counters["calls"] += 1
+            self._counters["step"] += 1  # provisional: _settle moves it to skipped_steps if the flag was set
             self._settle(wait=False)  # at once where the flag is on the host already (CPU)
             if first and any(u is this for u in self._unsettled):
                 # Should this step turn out skipped, the layers that started their statistics in it start
@@ -364,14 +364,16 @@ class MBF(Optimizer):
         """Read the skip flags of past steps and correct their provisional counters: a skipped step moves
         from ``steps`` to ``skipped_steps`` and its statistics are uncounted (``F`` was not touched).
         ``wait=False``: only the flags already on the host."""
-        unsettled = []
-        for u in self._unsettled:
+        for u in list(self._unsettled):
             if u.event is not None:
                 if not wait and not u.event.query():
-                    unsettled.append(u)
                     continue
                 u.event.synchronize()
-            if int(u.flag.item()):
+            skipped = bool(u.flag.item())
+            # off the list before its correction: each step is corrected once, even if a later wait raises
+            # (Ctrl-C, a CUDA error); the correction itself is plain Python
+            self._unsettled.remove(u)
+            if skipped:
                 if u.counts_step:
                     self._counters["step"] -= 1
                     self._counters["skipped_steps"] += 1
@@ -380,7 +382,6 @@ class MBF(Optimizer):
                         state["stat_steps"] -= 1
                 # statistics that were to start in it start in the next step, which needs per-sample data
                 self._pending_capture |= u.first_statistics
-        self._unsettled = unsettled
 
     def _fallback_counter(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._fallback_step:

@@ -477,6 +477,39 @@ def test_statistics_of_all_1x1_block_parameters_are_one_batched_update(monkeypat
     assert opt.state[bn]["stat_steps"] == 2
 
 
+def test_batched_1x1_statistics_use_each_groups_decay():
+    """Biases and LayerNorm parameters in a group with their own ``stat_decay``: the batched 1x1 update
+    folds their second statistic with that decay (and the weights' with theirs)."""
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+
+    def batch(i):
+        gen = torch.Generator().manual_seed(i)
+        return torch.randn(8, 4, generator=gen), torch.randn(8, 2, generator=gen)
+
+    model = build()
+    diag = [model[0].bias, model[1].weight, model[1].bias, model[2].bias]
+    opt = MBF(model, [{"params": [model[0].weight, model[2].weight], "stat_decay": 0.9},
+                      {"params": diag, "stat_decay": 0.25}], lr=0.0, momentum=0.0, stat_every=1, backend="torch")
+    first = []
+    for i in range(2):
+        x, y = batch(i)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        if i == 0:
+            first = [opt.state[p]["F"].clone() for p in diag]
+    fresh = build()  # the second batch's statistic alone (lr 0: same parameters)
+    fresh_opt = MBF(fresh, lr=0.0, momentum=0.0, stat_every=1, backend="torch")
+    x, y = batch(1)
+    nn.functional.mse_loss(fresh(x), y).backward()
+    fresh_opt.step()
+    fresh_diag = [fresh[0].bias, fresh[1].weight, fresh[1].bias, fresh[2].bias]
+    for p, q, f1 in zip(diag, fresh_diag, first):
+        assert torch.equal(opt.state[p]["F"], torch.lerp(fresh_opt.state[q]["F"], f1, 0.25))
+
+
 def test_cached_step_plan_follows_param_group_changes():
     """The plan is keyed by the param groups too: a rebuilt group dict, or a parameter moved to another
     group (same order of parameters), takes the new group's hyperparameters."""

@@ -409,6 +409,63 @@ def test_state_reset_or_checkpoint_load_while_a_skip_is_unsettled(monkeypatch):
     assert all(s["stat_steps"] == 1 for s in opt.state.values())
 
 
+def _mlp_step(model, opt, seed: int, poison=None) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(8, 4, generator=gen), torch.randn(8, 2, generator=gen)
+    model.zero_grad(set_to_none=True)
+    nn.functional.mse_loss(model(x), y).backward()
+    if poison is not None:
+        poison.grad.view(-1)[0] = float("nan")
+    opt.step()
+
+
+def test_first_statistics_of_1x1_parameters_alone_restart_after_a_late_skip(monkeypatch):
+    """A param group of 1x1-block parameters only (a LayerNorm, added later) starts its statistics in a
+    skipped step whose flag arrives late: the next step waits for that flag and starts F again (decay 0)
+    instead of averaging into the untouched zeros."""
+    _late_flags(monkeypatch)
+    out = []
+    for poison in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+        opt = MBF(model, [model[0].weight, model[0].bias, model[2].weight, model[2].bias], lr=0.05,
+                  stat_every=100, stat_decay=0.9, backend="torch")
+        for i in range(2):  # the layers' statistics started (step 0) and settled
+            _mlp_step(model, opt, i)
+        opt.add_param_group({"params": list(model[1].parameters())})
+        if poison:
+            _mlp_step(model, opt, 7, poison=model[1].weight)
+        _mlp_step(model, opt, 2)
+        out.append(opt.state[model[1].weight]["F"].clone())
+    assert torch.equal(out[0], out[1])
+
+
+def test_an_interrupted_settle_corrects_each_step_once(monkeypatch):
+    """Reading the counters waits for the pending flags; a wait that raises (Ctrl-C, a CUDA error) after
+    some steps were corrected leaves those corrected once: the next read does not correct them again."""
+    _late_flags(monkeypatch)
+    model = _convnet()
+    opt = MBF(model, lr=0.05, backend="torch", stat_every=1)
+    _backward(model, 0, "cpu")
+    opt.step()
+    opt._settle()
+    for i in (1, 2):
+        _backward(model, i, "cpu", poison=True)
+        opt.step()
+    assert len(opt._unsettled) == 2
+
+    class Interrupted(_LateEvent):
+        def synchronize(self) -> None:
+            raise KeyboardInterrupt
+
+    opt._unsettled[1].event = Interrupted()
+    with pytest.raises(KeyboardInterrupt):
+        opt._settle()
+    opt._unsettled[0].event = _LateEvent()
+    assert (opt.steps, opt.skipped_steps) == (1, 2)
+    assert opt.state[model[0].weight]["stat_steps"] == 1
+
+
 @pytest.mark.gpu
 def test_steps_never_synchronise_on_a_gpu():
     """CUDA's sync debug mode raises on a synchronising torch call (a blocking copy, ``item()``, a stream
