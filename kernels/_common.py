@@ -7,21 +7,22 @@ import triton
 import triton.language as tl
 
 
-def skip_flag(skip: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """``skip`` as the kernels read it: a one-element ``uint8`` view on ``device`` (None: no flag).
+def skip_args(skip: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The kernels' ``(skip_ptr, HAS_SKIP)`` for ``skip``: a one-element ``uint8`` view of it and True, or,
+    without a flag, ``like`` (any tensor of the launch, never read) and False.
 
     A set flag (non-zero) masks off every store of optimizer state in the kernels (see :func:`keep_step`):
     the optimizer's check for non-finite gradients stays on the device and the step needs no host sync
     (as the ``found_inf`` argument of torch's fused optimizers). ``skip``: ``bool`` or ``uint8``, one element.
     """
     if skip is None:
-        return None
+        return like, False
     if not isinstance(skip, torch.Tensor) or skip.numel() != 1 or skip.dtype not in (torch.bool, torch.uint8):
         raise TypeError(f"skip must be a one-element bool or uint8 tensor, got "
                         f"{getattr(skip, 'dtype', type(skip).__name__)} {tuple(getattr(skip, 'shape', ()))}")
-    if skip.device != device:
-        raise ValueError(f"skip is on {skip.device}, the kernel's tensors on {device}")
-    return skip.reshape(1).view(torch.uint8)
+    if skip.device != like.device:
+        raise ValueError(f"skip is on {skip.device}, the kernel's tensors on {like.device}")
+    return skip.reshape(1).view(torch.uint8), True
 
 
 @triton.jit

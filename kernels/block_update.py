@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import keep_step, skip_flag
+from ._common import keep_step, skip_args
 
 __all__ = ["MAX_BLOCK_SIZE", "damped_block_update_", "default_launch_config", "grouped_block_update_"]
 
@@ -281,7 +281,7 @@ def damped_block_update_(
     ``(rows, cols)`` of the parameter's dtype (fp32, bf16 or fp16); ``momentum_buffer``: ``(rows, cols)``
     fp32; ``fallback_count``: int32 ``(1,)``, incremented by the number of blocks that took the diagonal
     fallback. ``param`` and ``momentum_buffer`` are updated in place; no host synchronisation. ``skip``:
-    the step's device-side skip flag (:func:`mbf_triton.kernels._common.skip_flag`): when set, nothing is
+    the step's device-side skip flag (:func:`mbf_triton.kernels._common.skip_args`): when set, nothing is
     written and nothing is counted.
 
     ``blocks_per_program``, ``num_warps``, ``num_stages``: launch configuration (default:
@@ -290,7 +290,7 @@ def damped_block_update_(
     """
     rows, cols, n_chunks, n_blocks, t = _check_inputs(f, grad, param, momentum_buffer, b)
     _check_counter(fallback_count, f.get_device())
-    flag = skip_flag(skip, f.device)
+    skip_ptr, has_skip = skip_args(skip, f)
     blocks, launch = _launch_options(b, blocks_per_program, num_warps, num_stages)
     if n_blocks == 0:
         return None
@@ -299,12 +299,12 @@ def damped_block_update_(
     grid = (triton.cdiv(n_blocks, blocks),)
     if b == 1:
         return _scalar_block_update_kernel[grid](
-            f, grad, param, momentum_buffer, fallback_count, f if flag is None else flag, n_blocks, *scalars,
-            BLOCKS=blocks, HAS_SKIP=flag is not None, **launch,
+            f, grad, param, momentum_buffer, fallback_count, skip_ptr, n_blocks, *scalars,
+            BLOCKS=blocks, HAS_SKIP=has_skip, **launch,
         )
     return _damped_block_update_kernel[grid](
-        f, grad, param, momentum_buffer, fallback_count, f if flag is None else flag, n_blocks, n_chunks, cols,
-        *scalars, B=b, B_PAD=triton.next_power_of_2(b), T=t, BLOCKS=blocks, HAS_SKIP=flag is not None, **launch,
+        f, grad, param, momentum_buffer, fallback_count, skip_ptr, n_blocks, n_chunks, cols,
+        *scalars, B=b, B_PAD=triton.next_power_of_2(b), T=t, BLOCKS=blocks, HAS_SKIP=has_skip, **launch,
     )
 
 
@@ -395,7 +395,7 @@ def grouped_block_update_(
         flat += (f.data_ptr(), g.data_ptr(), p.data_ptr(), m.data_ptr(), nb, n_chunks, cols)
         n_blocks.append(nb)
     _check_counter(fallback_count, fs[0].get_device())
-    flag = skip_flag(skip, fs[0].device)
+    skip_ptr, has_skip = skip_args(skip, fs[0])
     blocks, launch = _launch_options(b, blocks_per_program, num_warps, num_stages)
     if sum(n_blocks) == 0:
         return None
@@ -404,7 +404,7 @@ def grouped_block_update_(
     work = _work_list(tuple(n_blocks), blocks, device)
     scalars = (float(damping), float(lr), float(momentum), float(weight_decay))
     return _grouped_block_update_kernel[(work.shape[0],)](
-        table, work, params[0], fallback_count, table if flag is None else flag, *scalars,
-        B=b, B_PAD=triton.next_power_of_2(b), T=b * (b + 1) // 2, BLOCKS=blocks, HAS_SKIP=flag is not None,
+        table, work, params[0], fallback_count, skip_ptr, *scalars,
+        B=b, B_PAD=triton.next_power_of_2(b), T=b * (b + 1) // 2, BLOCKS=blocks, HAS_SKIP=has_skip,
         **launch,
     )

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import keep_step, skip_flag
+from ._common import keep_step, skip_args
 
 __all__ = ["FisherStatsConfig", "linear_fisher_ema_", "conv_fisher_ema_", "default_linear_config",
            "default_conv_config"]
@@ -200,7 +200,7 @@ def _partials_ema_kernel(f_ptr, part_ptr, skip_ptr, n_blocks, n_split, decay, T:
 
 
 def _finish(f: torch.Tensor, parts: torch.Tensor | None, t_size: int, decay: float,
-            flag: torch.Tensor | None) -> None:
+            skip_ptr: torch.Tensor, has_skip: bool) -> None:
     """The second pass over ``F`` when the statistics kernel stored partials (``parts``: ``(n, *f.shape)``)."""
     if parts is None:
         return
@@ -208,8 +208,8 @@ def _finish(f: torch.Tensor, parts: torch.Tensor | None, t_size: int, decay: flo
     block_t = triton.next_power_of_2(t_size)
     block_r = max(1, min(16, 4096 // block_t))
     _partials_ema_kernel[(triton.cdiv(n_blocks, block_r),)](
-        f, parts, f if flag is None else flag, n_blocks, parts.shape[0], float(decay),
-        T=t_size, BLOCK_R=block_r, BLOCK_T=block_t, HAS_SKIP=flag is not None, num_warps=4,
+        f, parts, skip_ptr, n_blocks, parts.shape[0], float(decay),
+        T=t_size, BLOCK_R=block_r, BLOCK_T=block_t, HAS_SKIP=has_skip, num_warps=4,
     )
 
 
@@ -322,7 +322,7 @@ def linear_fisher_ema_(
     ``f``: fp32 ``(out * ceil(in/b), b*(b+1)//2)`` contiguous; ``x``: ``(M, in)``; ``gout``:
     ``(M, out)``; any strides, fp32/bf16/fp16. Mini-block ``o * n_chunks + j`` is ``W[o, j*b:(j+1)*b]``.
     ``config``: tile sizes (default :func:`default_linear_config`). ``skip``: the step's device-side skip
-    flag (:func:`mbf_triton.kernels._common.skip_flag`): when set, ``F`` is left as it is. Returns the
+    flag (:func:`mbf_triton.kernels._common.skip_args`): when set, ``F`` is left as it is. Returns the
     compiled statistics kernel (None under the interpreter), for a tuner to read its register metadata.
     """
     _check_float("x", x, 2)
@@ -341,22 +341,22 @@ def linear_fisher_ema_(
     n_chunks = triton.cdiv(n_in, b)
     t_size = b * (b + 1) // 2
     _check_f(f, n_out * n_chunks, t_size, x.device)
-    flag = skip_flag(skip, x.device)
+    skip_ptr, has_skip = skip_args(skip, f)
     if config is None:
         config = default_linear_config(n_out, t_size)
     n_t_tiles = triton.cdiv(t_size, config.block_t)
     parts = None if n_t_tiles == 1 else torch.empty((1, *f.shape), dtype=f.dtype, device=f.device)
     grid = (n_chunks * n_t_tiles, triton.cdiv(n_out, config.block_o))
     compiled = _linear_fisher_ema_kernel[grid](
-        f, f if parts is None else parts, x, gout, f if flag is None else flag,
+        f, f if parts is None else parts, x, gout, skip_ptr,
         m, n_in, n_out, n_chunks, float(scale) * float(scale) / m, float(decay),
         x.stride(0), x.stride(1), gout.stride(0), gout.stride(1),
         B=b, T=t_size,
         BLOCK_O=config.block_o, BLOCK_M=config.block_k, BLOCK_T=config.block_t, PARTIAL=parts is not None,
-        PRECISION=config.precision, HAS_SKIP=flag is not None,
+        PRECISION=config.precision, HAS_SKIP=has_skip,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    _finish(f, parts, t_size, decay, flag)
+    _finish(f, parts, t_size, decay, skip_ptr, has_skip)
     return compiled
 
 
@@ -504,7 +504,7 @@ def conv_fisher_ema_(
     ``(left, right)``), ``padding_mode``. Zero padding is applied by masking inside the kernel; other modes pad
     ``x`` first. ``config``: tile sizes (default :func:`default_conv_config`). ``samples_split``: how many
     programs share the batch of one tile (default :func:`sample_split`: ~4 programs per SM on a GPU).
-    ``skip``: the step's device-side skip flag (:func:`mbf_triton.kernels._common.skip_flag`): when set,
+    ``skip``: the step's device-side skip flag (:func:`mbf_triton.kernels._common.skip_args`): when set,
     ``F`` is left as it is. Returns the compiled statistics kernel (None under the interpreter).
     """
     _check_float("x", x, (3, 4, 5))
@@ -544,7 +544,7 @@ def conv_fisher_ema_(
     n_l = math.prod(l_shape)
     t_size = b * (b + 1) // 2
     _check_f(f, c_out * cg, t_size, x.device)
-    flag = skip_flag(skip, x.device)
+    skip_ptr, has_skip = skip_args(skip, f)
 
     # normalise to 3 spatial dims: leading dims of size 1 (one position, one tap, stride 0 in memory)
     e = 3 - d
@@ -569,7 +569,7 @@ def conv_fisher_ema_(
     parts = torch.empty((n_split, *f.shape), dtype=f.dtype, device=f.device) if partial else None
     grid = (grid_o, cg, n_t_tiles * n_split)
     compiled = _conv_fisher_ema_kernel[grid](
-        f, f if parts is None else parts, x, gout, f if flag is None else flag,
+        f, f if parts is None else parts, x, gout, skip_ptr,
         n, chunk, n_t_tiles, f.shape[0], cg, og, n_l, ls[1], ls[2], ks3[1], ks3[2],
         float(scale) * float(scale) / n, float(decay),
         *geometry,
@@ -577,8 +577,8 @@ def conv_fisher_ema_(
         gout.stride(0), gout.stride(1), *sg_l,
         B=b, B_PAD=conv_k_pad(b), T=t_size,
         BLOCK_O=config.block_o, BLOCK_L=config.block_k, BLOCK_T=config.block_t,
-        PRECISION=config.precision, FULL=full, PARTIAL=partial, HAS_SKIP=flag is not None,
+        PRECISION=config.precision, FULL=full, PARTIAL=partial, HAS_SKIP=has_skip,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    _finish(f, parts, t_size, decay, flag)
+    _finish(f, parts, t_size, decay, skip_ptr, has_skip)
     return compiled

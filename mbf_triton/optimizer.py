@@ -301,9 +301,7 @@ class MBF(Optimizer):
                 for (device, decay), d in diag.items():
                     ref.diag_fisher_ema_(d.grad_fs + d.fhat_fs, d.grads, decay, skip[device], fhats=d.fhats)
                     for state in d.states:
-                        first |= state["stat_steps"] == 0
-                        state["stat_steps"] += 1
-                        counted.append((state, state["F"]))
+                        first |= self._count_statistic(state, counted)
                 for batch in plan.batches:
                     self._apply(batch, lrs[id(batch.group)], skip[batch.members[0].param.device])
             except BaseException:
@@ -468,6 +466,12 @@ class MBF(Optimizer):
         fhat = self._batch_statistics(entry.backend, p, module, layout, state["F"], decay, records, skip[p.device])
         if fhat is not None:  # formed by torch ops: no kernel folded it in
             ref.fisher_ema_(state["F"], fhat, decay, skip[p.device])
+        return self._count_statistic(state, counted)
+
+    @staticmethod
+    def _count_statistic(state: dict[str, Any], counted: list[tuple[dict[str, Any], torch.Tensor]]) -> bool:
+        """Count one statistic folded into ``state``'s F (provisionally: ``_settle`` uncounts it if the step
+        was skipped); True if it was F's first."""
         state["stat_steps"] += 1
         counted.append((state, state["F"]))
         return state["stat_steps"] == 1
