@@ -32,9 +32,10 @@ from . import reference as ref
 from .backends import BACKENDS, get_backend
 from .blocks import CONV_TYPES, Layout, layout_for
 from .capture import Capture, Record
+from .stepsize import FP32_STATE, StepSize
 
 LOSS_REDUCTIONS = ("mean", "sum")
-_FP32_STATE = ("F", "momentum_buffer")  # kept in fp32 whatever the parameter's dtype
+_FP32_STATE = ("F", "momentum_buffer", *FP32_STATE)  # kept in fp32 whatever the parameter's dtype
 
 
 def _check_number(name: str, value: Any, low: float, high: float, low_open: bool, high_open: bool) -> None:
@@ -137,6 +138,10 @@ class MBF(Optimizer):
             if it is the sum: it sets how per-sample gradients are recovered from the batch gradient.
         backend: ``"auto"`` (Triton kernels for CUDA tensors when triton is installed, else torch),
             ``"torch"`` (the reference path, any device) or ``"triton"``.
+        graft, kl_clip, stat_warmup: step-size options beyond the paper (:mod:`mbf_triton.stepsize`):
+            ``graft="adam"|"sgd"`` gives each parameter's step that optimizer's norm, ``kl_clip`` bounds
+            the step's quadratic model, ``stat_warmup`` takes statistics at every one of the first steps.
+            ``None, None, 0`` is the paper's method.
     """
 
     def __init__(
@@ -153,6 +158,9 @@ class MBF(Optimizer):
         stat_every: int = 10,
         loss_reduction: str = "mean",
         backend: str = "auto",
+        graft: str | None = None,
+        kl_clip: float | None = None,
+        stat_warmup: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -162,6 +170,7 @@ class MBF(Optimizer):
             raise ValueError(f"loss_reduction={loss_reduction!r} must be one of {LOSS_REDUCTIONS}")
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
+        self.stepsize = StepSize(graft, kl_clip, stat_warmup)
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         defaults = dict(
@@ -287,7 +296,7 @@ class MBF(Optimizer):
             # Non-finite gradients skip the whole step on the device: every kernel and reference op that
             # writes state reads this flag, so the host does not wait for the check.
             skip = self._nonfinite_flags([p.grad for _, p in active])
-            stat_step = self._counters["calls"] % self.stat_every == 0
+            stat_step = self.stepsize.stat_step(self._counters["calls"], self.stat_every)
             # everything that can fail is resolved before the first parameter changes: no partial steps
             plan = self._plan(active)
             lrs = {id(g): float(g["lr"]) for g in self.param_groups}  # one read of a tensor lr per group
@@ -302,8 +311,9 @@ class MBF(Optimizer):
                     ref.diag_fisher_ema_(d.grad_fs + d.fhat_fs, d.grads, decay, skip[device], fhats=d.fhats)
                     for state in d.states:
                         first |= self._count_statistic(state, counted)
+                grads = self.stepsize.scaled_gradients(plan.entries, self.state, lrs, skip)  # {}: the paper's method
                 for batch in plan.batches:
-                    self._apply(batch, lrs[id(batch.group)], skip[batch.members[0].param.device])
+                    self._apply(batch, lrs[id(batch.group)], skip[batch.members[0].param.device], grads)
             except BaseException:
                 # Statistics counted before the error were not folded in if the step was skipped: settle
                 # them now (a wait on the error path only). The call counts as no step either way.
@@ -329,7 +339,8 @@ class MBF(Optimizer):
 
     def _sync_capture(self) -> None:
         # capture during the forward/backward that precedes a statistics step
-        self._capture.capturing = self._pending_capture or self._counters["calls"] % self.stat_every == 0
+        self._capture.capturing = self._pending_capture or self.stepsize.stat_step(self._counters["calls"],
+                                                                                    self.stat_every)
 
     @staticmethod
     def _nonfinite_flags(grads: list[torch.Tensor]) -> dict[torch.device, torch.Tensor]:
@@ -423,7 +434,7 @@ class MBF(Optimizer):
             state["momentum_buffer"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
             state["stat_steps"] = 0
         for key in _FP32_STATE:  # e.g. a checkpoint loaded before model.cuda()
-            if state[key].device != p.device:
+            if key in state and state[key].device != p.device:
                 state[key] = state[key].to(p.device)
         if state["F"].shape != (layout.n_blocks, layout.tri):
             raise ValueError(
@@ -476,7 +487,7 @@ class MBF(Optimizer):
         counted.append((state, state["F"]))
         return state["stat_steps"] == 1
 
-    def _apply(self, batch: _Batch, lr: float, skip: torch.Tensor) -> None:
+    def _apply(self, batch: _Batch, lr: float, skip: torch.Tensor, grads: dict) -> None:
         """Damped solve, momentum, weight decay and the write for parameters sharing b, dtype and group."""
         items, copies = [], []
         for entry in batch.members:
@@ -489,7 +500,8 @@ class MBF(Optimizer):
             if not data.is_contiguous():  # updated through a contiguous copy, written back below
                 data = data.contiguous()
                 copies.append((p, data))
-            grad = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
+            grad = grads.get(p, p.grad)  # the rescaled gradient where a step-size option is on
+            grad = grad if grad.is_contiguous() else grad.contiguous()
             items.append((state["F"], layout.matrix(grad), layout.matrix(data), entry.momentum_view[1]))
         group = batch.group
         batch.backend.block_update_group_(
