@@ -1,8 +1,12 @@
-"""Training experiments on data that installs offline (scikit-learn's bundled 8x8 digits).
+"""Training experiments on data that installs offline (nothing is downloaded).
 
-Two tasks of the paper's families: a deep autoencoder (mirrored MLP with a narrow code layer, binary
-cross-entropy on pixel intensities) and a small CNN classifier with batch norm. Used by the demo
-(``python -m mbf_triton demo``) and by the full study (``perf/train_quality.py``).
+Tasks: on scikit-learn's bundled 8x8 digits, a deep autoencoder (mirrored MLP with a narrow code layer,
+binary cross-entropy on pixel intensities; the paper's family), a small CNN with batch norm and a
+ResNet-style CNN (batch norm, residual blocks, a strided block with a 1x1 projection); a character-level
+Transformer language model on Python's own ``argparse.py`` (the source that ships with every Python:
+the text differs slightly between Python versions); a tabular MLP on scikit-learn's bundled breast-cancer
+table (30 standardised features, 2 classes). Used by the demo (``python -m mbf_triton demo``) and the
+study (``perf/train_quality.py``).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,7 +23,7 @@ from torch import nn
 from .optimizer import MBF
 
 OPTIMIZERS = ("mbf", "adam", "sgd")
-TASKS = ("autoencoder", "cnn")
+TASKS = ("autoencoder", "cnn", "resnet", "charlm", "tabular")
 
 # Hyperparameters of the demo: the points selected by the study in perf/train_quality.py (lowest final
 # validation loss of each optimizer's grid, seed 0; see perf/quality/summary.md).
@@ -64,6 +69,50 @@ def load_digits(device: torch.device | str = "cpu", seed: int = 0) -> Split:
     return Split(x[:a], y[:a], x[a:b], y[a:b], x[b:], y[b:])
 
 
+def _split(x: torch.Tensor, y: torch.Tensor, device, seed: int | None) -> Split:
+    """60/20/20 split; shuffled by ``seed`` (None: in order, e.g. consecutive stretches of a text)."""
+    if seed is not None:
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+        x, y = x[perm], y[perm]
+    x, y = x.to(device), y.to(device)
+    a, b = int(0.6 * len(x)), int(0.8 * len(x))
+    return Split(x[:a], y[:a], x[a:b], y[a:b], x[b:], y[b:])
+
+
+CHARLM_VOCAB = 96  # newline, the 94 printable ASCII characters and space; everything else is character 95
+CHARLM_CONTEXT = 32
+CHARLM_CHARS = 60_000
+
+
+def load_charlm_text(device: torch.device | str = "cpu", seed: int = 0) -> Split:
+    """The first 60,000 characters of the standard library's ``argparse.py`` as non-overlapping windows of
+    32 characters (inputs) and the same shifted by one (targets); train/val/test are consecutive stretches
+    of the file (60/20/20). ``seed`` is unused (the split is by position)."""
+    import argparse
+
+    text = Path(argparse.__file__).read_text(encoding="utf-8")[: CHARLM_CHARS + 1]
+    codes = [10 if c == "\n" else (ord(c) - 31 if 32 <= ord(c) < 127 else CHARLM_VOCAB - 1) for c in text]
+    ids = torch.tensor(codes, dtype=torch.int64)
+    n = (len(ids) - 1) // CHARLM_CONTEXT
+    x = ids[: n * CHARLM_CONTEXT].reshape(n, CHARLM_CONTEXT)
+    y = ids[1 : n * CHARLM_CONTEXT + 1].reshape(n, CHARLM_CONTEXT)
+    return _split(x, y, device, None)
+
+
+def load_breast_cancer(device: torch.device | str = "cpu", seed: int = 0) -> Split:
+    """scikit-learn's bundled breast-cancer table (569 x 30, 2 classes), standardised with the training
+    part's mean and deviation, split 60/20/20 (fixed by ``seed``)."""
+    try:
+        from sklearn.datasets import load_breast_cancer as sk_load
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("the experiments need scikit-learn: pip install 'mbf-triton[demo]'") from e
+    d = sk_load()
+    data = _split(torch.tensor(d.data, dtype=torch.float32), torch.tensor(d.target, dtype=torch.int64), "cpu", seed)
+    mean, std = data.x_train.mean(0), data.x_train.std(0).clamp_min(1e-6)
+    parts = [((x - mean) / std).to(device) if i % 2 == 0 else x.to(device) for i, x in enumerate(vars(data).values())]
+    return Split(*parts)
+
+
 def autoencoder(widths: tuple[int, ...] = (64, 256, 128, 64, 8)) -> nn.Module:
     """Mirrored tanh MLP ``64-256-128-64-8-64-128-256-64`` with a linear code layer; outputs logits."""
     dims = list(widths) + list(reversed(widths[:-1]))
@@ -86,6 +135,60 @@ def cnn() -> nn.Module:
     )
 
 
+class _Residual(nn.Module):
+    """``relu(body(x) + shortcut(x))``: a basic residual block (two 3x3 conv-BN), 1x1 conv-BN projection
+    where the shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out),
+        )
+        self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+def resnet() -> nn.Module:
+    """ResNet-style digits classifier: conv-BN-ReLU stem, two residual blocks of 16 channels, a strided
+    block to 32 channels (8x8 -> 4x4), global average pooling, a linear classifier."""
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        _Residual(16, 16), _Residual(16, 16), _Residual(16, 32, stride=2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )
+
+
+class CharTransformer(nn.Module):
+    """Causal character-level Transformer: token and learned position embeddings, pre-norm encoder
+    layers (``nn.TransformerEncoderLayer``, no dropout), a final norm and a linear read-out."""
+
+    def __init__(self, vocab: int = CHARLM_VOCAB, context: int = CHARLM_CONTEXT, width: int = 48,
+                 heads: int = 4, layers: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.position = nn.Parameter(torch.randn(context, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(t, device=ids.device)
+        h = self.encoder(self.embed(ids) + self.position[:t], mask=mask, is_causal=True)
+        return self.head(self.norm(h))
+
+
+def tabular_mlp() -> nn.Module:
+    """30-64-64-2 ReLU MLP for the breast-cancer table."""
+    return nn.Sequential(nn.Linear(30, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
@@ -93,6 +196,8 @@ class Task:
     loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (output, x, y) -> loss
     metric: str  # name of the test metric
     higher_is_better: bool
+    data: Callable[..., Split] = load_digits  # (device, seed) -> the split
+    batch_size: int = 100
 
 
 def _ae_loss(out, x, y):
@@ -100,12 +205,15 @@ def _ae_loss(out, x, y):
 
 
 def _ce_loss(out, x, y):
-    return nn.functional.cross_entropy(out, y)
+    return nn.functional.cross_entropy(out.flatten(0, -2), y.flatten())  # (N, C) or (N, T, C) logits
 
 
 TASK_SPECS = {
     "autoencoder": Task("autoencoder", autoencoder, _ae_loss, "test BCE", False),
     "cnn": Task("cnn", cnn, _ce_loss, "test accuracy", True),
+    "resnet": Task("resnet", resnet, _ce_loss, "test accuracy", True),
+    "charlm": Task("charlm", CharTransformer, _ce_loss, "test loss (nats/char)", False, load_charlm_text, 50),
+    "tabular": Task("tabular", tabular_mlp, _ce_loss, "test accuracy", True, load_breast_cancer, 32),
 }
 
 
@@ -138,8 +246,8 @@ def _evaluate(task: Task, model: nn.Module, x: torch.Tensor, y: torch.Tensor) ->
     model.eval()
     out = model(x)
     loss = task.loss(out, x, y).item()
-    if task.name == "cnn":
-        metric = (out.argmax(1) == y).float().mean().item()
+    if task.higher_is_better:  # accuracy
+        metric = (out.argmax(-1) == y).float().mean().item()
     else:
         metric = loss
     model.train()
@@ -152,19 +260,25 @@ def train(
     lr: float,
     *,
     epochs: int,
-    batch_size: int = 100,
+    batch_size: int | None = None,
     seed: int = 0,
     data: Split | None = None,
     device: torch.device | str = "cpu",
     on_epoch: Callable[[int, float], None] | None = None,
+    make: Callable[..., torch.optim.Optimizer] | None = None,
     **opt_kw,
 ) -> History:
-    """Train one model from a seeded initialisation; shuffles with the same seed for every optimizer."""
+    """Train one model from a seeded initialisation; shuffles with the same seed for every optimizer.
+
+    ``make(model, lr, **opt_kw)`` builds an optimizer other than :func:`make_optimizer`'s (``opt_name`` is
+    then only a label); one with a ``forward_backward(model, loss_fn, x)`` method (a gradient maker
+    that runs its own passes, as ASDL's K-FAC) is given each batch's forward and backward."""
     task = TASK_SPECS[task_name]
-    data = data if data is not None else load_digits(device)
+    data = data if data is not None else task.data(device)
+    batch_size = batch_size or task.batch_size
     torch.manual_seed(seed)
     model = task.build().to(device)
-    opt = make_optimizer(opt_name, model, lr, **opt_kw)
+    opt = make(model, lr, **opt_kw) if make is not None else make_optimizer(opt_name, model, lr, **opt_kw)
     gen = torch.Generator().manual_seed(seed)
     hist = History()
     elapsed = 0.0
@@ -178,8 +292,10 @@ def train(
             idx = perm[i : i + batch_size]
             xb, yb = data.x_train[idx], data.y_train[idx]
             opt.zero_grad(set_to_none=True)
-            loss = task.loss(model(xb), xb, yb)
-            loss.backward()
+            if hasattr(opt, "forward_backward"):
+                opt.forward_backward(model, lambda out, xb=xb, yb=yb: task.loss(out, xb, yb), xb)
+            else:
+                task.loss(model(xb), xb, yb).backward()
             opt.step()
         if device != "cpu" and torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -192,7 +308,7 @@ def train(
         if not math.isfinite(train_loss) or train_loss > 1e3:
             hist.diverged = True
             break
-    if isinstance(opt, MBF):
+    if hasattr(opt, "remove_hooks"):
         opt.remove_hooks()
     hist.val_loss, _ = _evaluate(task, model, data.x_val, data.y_val)
     _, hist.test_metric = _evaluate(task, model, data.x_test, data.y_test)

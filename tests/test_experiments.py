@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from mbf_triton.experiments import autoencoder, load_digits, train  # noqa: E402
+from mbf_triton.experiments import TASK_SPECS, autoencoder, load_digits, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +35,23 @@ def test_train_runs_and_records(task, opt):
     assert len(hist.train_loss) == len(hist.wall_time) == 1
     assert all(torch.isfinite(torch.tensor(hist.train_loss)))
     assert hist.test_metric == hist.test_metric  # not NaN
+
+
+@pytest.mark.parametrize("task, n, out_shape", [
+    ("resnet", 1797, (4, 10)), ("charlm", 60_000 // 32, (4, 32, 96)), ("tabular", 569, (4, 2)),
+])
+def test_new_tasks_load_shipped_data_and_train(task, n, out_shape):
+    spec = TASK_SPECS[task]
+    data = spec.data()
+    assert len(data.x_train) + len(data.x_val) + len(data.x_test) == n
+    torch.manual_seed(0)
+    assert spec.build()(data.x_test[:4]).shape == out_shape
+    if task == "charlm":  # targets are the inputs shifted by one character
+        assert torch.equal(data.y_train[0, :-1], data.x_train[0, 1:])
+    if task == "tabular":  # standardised with the training part's statistics
+        torch.testing.assert_close(data.x_train.mean(0), torch.zeros(30), atol=1e-5, rtol=0)
+    hist = train(task, "mbf", 1e-3, epochs=1, data=data, graft="adam", backend="torch")
+    assert len(hist.train_loss) == 1 and hist.train_loss[0] < 10 and hist.test_metric == hist.test_metric
 
 
 def test_mbf_beats_plain_sgd_on_cnn_at_fixed_budget():

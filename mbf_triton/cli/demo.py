@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from ..experiments import TASK_SPECS, TUNED, load_digits, train
+from ..experiments import TASK_SPECS, TUNED, train
 
 
 def _progress(total: int, desc: str):
@@ -38,7 +38,7 @@ def _positive_int(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``demo`` subcommand's options."""
-    parser.add_argument("--task", choices=sorted(TASK_SPECS), default="autoencoder", help="which digits task")
+    parser.add_argument("--task", choices=sorted(TUNED), default="autoencoder", help="which digits task")
     parser.add_argument("--epochs", type=_positive_int, default=None, help="default: the task's demo length")
     parser.add_argument("--optimizers", nargs="+", default=["mbf", "adam", "sgd"], choices=["mbf", "adam", "sgd"],
                         help="optimizers to compare")
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     epochs = args.epochs or TUNED[args.task]["demo_epochs"]
     if args.device == "cpu":
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    data = load_digits(args.device)
+    data = task.data(args.device)
     print(f"task: {args.task} on digits ({len(data.x_train)} train / {len(data.x_test)} test), "
           f"{epochs} epochs, batch 100, device {args.device}")
     results = {}
