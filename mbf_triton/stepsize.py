@@ -10,7 +10,10 @@ The options here make ``lr`` mean what it means for a first-order method:
   rescaled to the norm of Adam's: ``s_p = (1 - momentum) ||g / (sqrt(v_hat) + eps)|| / ||d||`` with
   ``v <- beta2 v + (1 - beta2) g^2`` (Adam's second moment, bias-corrected, ``beta2 = 0.999``,
   ``eps = 1e-8``). MBF's heavy-ball momentum ``m <- momentum m + s d`` then is Adam's first-moment EMA in
-  norm (the ``1 - momentum`` factor), so ``lr`` is Adam's learning rate; MBF keeps only the direction.
+  norm (the ``1 - momentum`` factor) and, as Adam's, it is bias-corrected: the step's learning rate is
+  ``lr / (1 - momentum^t)`` at the ``t``-th step (counted on the host: ``step()`` calls with gradients),
+  so ``lr`` is Adam's learning rate from the first step on; MBF keeps only the direction. (The factor
+  multiplies the decoupled weight decay's lr too.)
 - ``graft="sgd"``: ``s_p = ||g|| / ||d||``: ``lr`` is torch SGD-with-momentum's learning rate.
 - ``kl_clip=kappa`` (K-FAC's trust region): with ``Delta_p = lr s_p d_p``, all directions are scaled by
   ``nu = min(1, sqrt(kappa / sum_p lr^2 s_p^2 g_p . d_p))``, so the step's quadratic model
@@ -67,6 +70,13 @@ class StepSize:
     def stat_step(self, calls: int, stat_every: int) -> bool:
         """Whether the step after ``calls`` earlier calls takes statistics."""
         return calls < self.stat_warmup or calls % stat_every == 0
+
+    def lr_factor(self, calls: int, momentum: float) -> float:
+        """Multiplier of a group's lr at the step after ``calls`` calls: the momentum's bias correction
+        ``1 / (1 - momentum^(calls + 1))`` under Adam grafting, else 1."""
+        if self.graft != "adam" or momentum == 0.0:
+            return 1.0
+        return 1.0 / (1.0 - momentum ** (calls + 1))
 
     def scaled_gradients(self, entries: list[Any], states: dict[torch.Tensor, dict[str, Any]],
                          lrs: dict[int, float], skip: dict[torch.device, torch.Tensor],

@@ -1,19 +1,21 @@
-"""Training quality study: MBF against Adam and SGD-momentum on the digits autoencoder and CNN.
+"""Training-quality study: MBF (plain and with the step-size options) against first- and second-order peers.
 
-Protocol (the same for every optimizer):
-1. sweep: each optimizer trains once (seed 0) for every point of its grid (learning rates; MBF also
-   damping and, on the autoencoder, the Linear block size); the point with the lowest final
-   *validation* loss is selected;
-2. seeds: the selected point is trained with ``--seeds`` seeds (different initialisation and shuffling,
-   same data split);
-3. report: mean and spread (min..max) over seeds of the training-loss curves per epoch and per second,
-   the test metric, and the paper-style targets (autoencoder: epochs MBF needs to reach Adam's final
-   training loss, relative to Adam's; CNN: test accuracy against Adam's).
+Protocol, the same for every optimizer:
+1. sweep: each optimizer trains once (seed 0) at every learning rate of its grid (four log-spaced points
+   for every optimizer; every other hyperparameter at its package default); the point with the lowest
+   final *validation* loss is selected (a diverged or failed run is never selected, and is reported);
+2. seeds: the selected point is trained again with seeds 1.. (initialisation and shuffling; same split);
+3. report: per task, the selected points' final training loss, validation loss and test metric (mean and
+   standard deviation over seeds), seconds per run, the epoch at which the mean curve reaches Adam's final
+   mean training loss, each optimizer's rank; figures of the training loss against epochs and seconds.
 
-Writes ``runs.csv`` (one row per run and epoch), ``summary.md`` (tables), ``<task>.png`` into ``--out``.
-``--smoke`` runs a tiny version (CI). Regenerate the committed results with::
+Runs in stages with a resumable CSV (``runs.csv``, one row per run; runs already in it are skipped), so a
+study that does not fit one sitting continues where it stopped: ``--stage sweep|seeds|report`` (or
+``all``), ``--tasks``, ``--optimizers`` choose what runs now; ``report`` writes ``summary.md`` and the
+figures from whatever the CSV holds and says what is missing. Peers from the package index need
+``pip install 'mbf-triton[study]'`` (see ``perf/peers.py``). ``--smoke`` is a tiny run for CI.
 
-    python perf/train_quality.py --out perf/quality
+    python perf/train_quality.py --stage all --out perf/quality
 """
 
 from __future__ import annotations
@@ -21,217 +23,147 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import itertools
 import math
 import os
 import platform
 import sys
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from mbf_triton import __version__
-from mbf_triton.experiments import TASK_SPECS, train
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-# Grids: the same number of learning rates for every optimizer (five, log-spaced around the values a
-# first probe found useful); MBF additionally sweeps damping and block size briefly.
+from peers import NAMES, make_peer  # noqa: E402
+
+from mbf_triton import __version__  # noqa: E402
+from mbf_triton.experiments import TASK_SPECS, train  # noqa: E402
+
+ADAM_LIKE = (3e-4, 1e-3, 3e-3, 1e-2)  # Adam's lr scale: Adam, the grafted MBFs, SOAP, Shampoo, Kron
 GRIDS = {
-    "autoencoder": {
-        "epochs": 40,
-        "adam": [{"lr": lr} for lr in (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)],
-        "sgd": [{"lr": lr} for lr in (0.03, 0.1, 0.3, 1.0, 3.0)],
-        "mbf": [{"lr": r * d, "damping": d, "block_size": 16, "stat_decay": 0.99}
-                for d in (1e-4, 1e-5, 3e-6) for r in (1, 3, 10)]
-        + [{"lr": 3 * d, "damping": d, "block_size": 64, "stat_decay": 0.99} for d in (1e-4, 1e-5, 3e-6)],
-    },
-    "cnn": {
-        "epochs": 15,
-        "adam": [{"lr": lr} for lr in (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)],
-        "sgd": [{"lr": lr} for lr in (3e-3, 1e-2, 3e-2, 0.1, 0.3)],
-        "mbf": [{"lr": r * d, "damping": d, "stat_decay": 0.99} for d in (1e-2, 1e-3, 1e-4) for r in (0.3, 1, 3)],
-    },
+    **{name: ADAM_LIKE for name in NAMES},
+    "mbf": (1e-4, 3e-4, 1e-3, 3e-3),  # the paper's method at damping 1e-3: lr / damping is SGD's lr
+    "sgd": (3e-3, 1e-2, 3e-2, 0.1),
+    "kfac": (1e-4, 3e-4, 1e-3, 3e-3),
 }
-SMOKE_GRIDS = {
-    "autoencoder": {"epochs": 2, "adam": [{"lr": 1e-2}], "sgd": [{"lr": 0.3}],
-                    "mbf": [{"lr": 1e-5, "damping": 1e-5}, {"lr": 3e-5, "damping": 1e-5}]},
-    "cnn": {"epochs": 1, "adam": [{"lr": 1e-3}], "sgd": [{"lr": 0.03}], "mbf": [{"lr": 1e-3, "damping": 1e-3}]},
-}
-MBF_FIXED = {"backend": "auto", "stat_every": 1}  # statistics every step, as in the paper
+EPOCHS = {"autoencoder": 10, "cnn": 5, "resnet": 5, "charlm": 4, "tabular": 15}
+CORE = ("mbf", "mbf-graft", "adam", "sgd")
+SMOKE = {"tasks": ("tabular", "autoencoder"), "optimizers": CORE, "epochs": 1, "grid": 2}
+FIELDS = ["task", "optimizer", "lr", "seed", "epochs", "status", "train_loss", "wall_time", "val_loss",
+          "test_metric", "seconds", "error", "date", "device", "torch", "mbf_triton"]
 
 
-def _run(job: tuple[str, str, dict, int, int, str]) -> dict:
-    task, opt, point, seed, epochs, device = job
+def _run(job: tuple) -> dict:
+    task, opt, lr, seed, epochs, env = job
     torch.set_num_threads(1)
-    hp = dict(point)
-    lr = hp.pop("lr")
-    if opt == "mbf":
-        hp.update(MBF_FIXED)
+    row = {"task": task, "optimizer": opt, "lr": lr, "seed": seed, "epochs": epochs, **env}
     t0 = time.perf_counter()
-    hist = train(task, opt, lr, epochs=epochs, seed=seed, device=device, **hp)
-    return {"task": task, "optimizer": opt, "point": point, "seed": seed, "train_loss": hist.train_loss,
-            "wall_time": hist.wall_time, "val_loss": hist.val_loss, "test_metric": hist.test_metric,
-            "diverged": hist.diverged, "seconds": time.perf_counter() - t0}
-
-
-def _map(jobs, n_workers: int, desc: str):
     try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-    bar = tqdm(total=len(jobs), desc=desc, dynamic_ncols=True) if tqdm else None
-    out = []
-    if n_workers <= 1:
-        for j in jobs:
-            out.append(_run(j))
-            bar and bar.update(1)
-    else:
-        with ProcessPoolExecutor(n_workers) as pool:
-            for r in pool.map(_run, jobs):
-                out.append(r)
-                bar and bar.update(1)
-    bar and bar.close()
-    return out
+        hist = train(task, opt, lr, epochs=epochs, seed=seed, make=make_peer(opt))
+        status = "diverged" if hist.diverged else "ok"
+        row.update(status=status, train_loss=";".join(f"{v:.6g}" for v in hist.train_loss),
+                   wall_time=";".join(f"{v:.4g}" for v in hist.wall_time), val_loss=hist.val_loss,
+                   test_metric=hist.test_metric, error="")
+    except Exception as e:  # a peer's failure (e.g. a non-PD Cholesky) is a result of the study
+        status = "error"
+        row.update(status=status, train_loss="", wall_time="", val_loss=math.inf, test_metric=math.nan,
+                   error=f"{type(e).__name__}: {e}".replace("\n", " ")[:200])
+        if os.environ.get("MBF_STUDY_TRACEBACK"):
+            traceback.print_exc()
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    return row
 
 
-def _fmt_point(p: dict) -> str:
-    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items())
+def _load(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        r["lr"], r["seed"], r["epochs"] = float(r["lr"]), int(r["seed"]), int(r["epochs"])
+        for k in ("val_loss", "test_metric", "seconds"):
+            r[k] = float(r[k])
+        r["curve"] = [float(v) for v in r["train_loss"].split(";")] if r["train_loss"] else []
+        r["times"] = [float(v) for v in r["wall_time"].split(";")] if r["wall_time"] else []
+    return rows
+
+
+def _key(r: dict) -> tuple:
+    return (r["task"], r["optimizer"], float(r["lr"]), int(r["seed"]), int(r["epochs"]))
+
+
+def _execute(jobs: list[tuple], path: str, n_workers: int) -> None:
+    """Run ``jobs``, appending each finished run to the CSV at once (an interrupted study keeps them)."""
+    if not jobs:
+        return
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        results = map(_run, jobs) if n_workers <= 1 else ProcessPoolExecutor(n_workers).map(_run, jobs)
+        for i, row in enumerate(results):
+            w.writerow(row)
+            fh.flush()
+            print(f"[{i + 1}/{len(jobs)}] {row['task']} {row['optimizer']} lr={row['lr']:g} seed={row['seed']}: "
+                  f"{row['status']} val={row['val_loss']:.4g} ({row['seconds']}s) {row['error']}", flush=True)
+
+
+def _score(r: dict) -> float:
+    return r["val_loss"] if r["status"] == "ok" and math.isfinite(r["val_loss"]) else math.inf
+
+
+def _selected(rows: list[dict], task: str, opt: str, epochs: int) -> dict | None:
+    sweep = [r for r in rows if r["task"] == task and r["optimizer"] == opt and r["seed"] == 0
+             and r["epochs"] == epochs]
+    best = min(sweep, key=_score, default=None)
+    return best if best is not None and math.isfinite(_score(best)) else None
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", nargs="+", default=["autoencoder", "cnn"], choices=sorted(TASK_SPECS))
+    ap.add_argument("--stage", choices=("sweep", "seeds", "report", "all"), default="all")
+    ap.add_argument("--tasks", nargs="+", default=list(EPOCHS), choices=sorted(TASK_SPECS))
+    ap.add_argument("--optimizers", nargs="+", default=list(NAMES), choices=NAMES)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)))
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--out", default="perf/quality")
-    ap.add_argument("--smoke", action="store_true", help="tiny grids and epochs (CI)")
+    ap.add_argument("--smoke", action="store_true", help="tiny settings (CI): core optimizers, 1 epoch, 2 lrs")
     args = ap.parse_args(argv)
     if args.seeds < 1:
         ap.error("--seeds must be >= 1")
-    grids = SMOKE_GRIDS if args.smoke else GRIDS
-    jobs = 1 if args.device != "cpu" else args.jobs
+    tasks, opts = args.tasks, args.optimizers
+    epochs = dict(EPOCHS)
+    grids = dict(GRIDS)
+    if args.smoke:
+        tasks, opts = list(SMOKE["tasks"]), list(SMOKE["optimizers"])
+        epochs = {t: SMOKE["epochs"] for t in epochs}
+        grids = {o: g[1:1 + SMOKE["grid"]] for o, g in grids.items()}
     os.makedirs(args.out, exist_ok=True)
-    env = {"date": datetime.date.today().isoformat(), "device": _device_name(args.device),
-           "torch": torch.__version__, "mbf_triton": __version__, "python": platform.python_version()}
+    path = os.path.join(args.out, "runs.csv")
+    env = {"date": datetime.date.today().isoformat(), "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
+           "torch": torch.__version__, "mbf_triton": __version__}
+    if args.stage in ("sweep", "all"):
+        done = {_key(r) for r in _load(path)}
+        jobs = [(t, o, lr, 0, epochs[t], env) for t in tasks for o in opts for lr in grids[o]
+                if (t, o, lr, 0, epochs[t]) not in done]
+        _execute(jobs, path, args.jobs)
+    if args.stage in ("seeds", "all"):
+        rows = _load(path)
+        done = {_key(r) for r in rows}
+        jobs = []
+        for t in tasks:
+            for o in opts:
+                best = _selected(rows, t, o, epochs[t])
+                if best is not None:
+                    jobs += [(t, o, best["lr"], s, epochs[t], env) for s in range(1, args.seeds)
+                             if (t, o, best["lr"], s, epochs[t]) not in done]
+        _execute(jobs, path, args.jobs)
+    from report import write_report  # noqa: E402  (matplotlib only where a report is written)
 
-    rows, md = [], [f"# Training quality: MBF vs Adam vs SGD-momentum (digits, {env['date']})", "",
-                    f"Device: {env['device']}; torch {env['torch']}; mbf_triton {env['mbf_triton']}. "
-                    f"Regenerate: `python perf/train_quality.py --out {args.out}`"
-                    + (" (SMOKE RUN: tiny settings, not results)" if args.smoke else ""), ""]
-    verdicts = []
-    for task in args.tasks:
-        grid, epochs = grids[task], grids[task]["epochs"]
-        sweep_jobs = [(task, o, p, 0, epochs, args.device) for o in ("mbf", "adam", "sgd") for p in grid[o]]
-        sweep = _map(sweep_jobs, jobs, f"{task}: sweep")
-        best = {}
-        md += [f"## {task} ({epochs} epochs, batch 100)", "", "Sweep (seed 0), final validation loss:", "",
-               "| optimizer | point | val loss | final train loss |", "|---|---|---|---|"]
-        for o in ("mbf", "adam", "sgd"):
-            mine = [r for r in sweep if r["optimizer"] == o]
-            for r in sorted(mine, key=lambda r: _key(r)):
-                md.append(f"| {o} | {_fmt_point(r['point'])} | {r['val_loss']:.4f} | {r['train_loss'][-1]:.4f} |")
-            best[o] = min(mine, key=_key)
-        seed_jobs = [(task, o, best[o]["point"], s, epochs, args.device) for o in best for s in range(1, args.seeds)]
-        runs = {o: [best[o]] for o in best}
-        for r in _map(seed_jobs, jobs, f"{task}: seeds"):
-            runs[r["optimizer"]].append(r)
-        for o, rs in runs.items():
-            for r in rs:
-                for e, (loss, wt) in enumerate(zip(r["train_loss"], r["wall_time"])):
-                    rows.append({**env, "task": task, "optimizer": o, "point": _fmt_point(r["point"]),
-                                 "seed": r["seed"], "epoch": e + 1, "train_loss": loss, "wall_time_s": wt,
-                                 "val_loss": r["val_loss"], "test_metric": r["test_metric"]})
-        md += ["", f"Selected points, {args.seeds} seeds (mean, min..max):", "",
-               f"| optimizer | point | final train loss | {TASK_SPECS[task].metric} | train time (s) |",
-               "|---|---|---|---|---|"]
-        curves = {o: _mean_curve(rs) for o, rs in runs.items()}
-        for o, rs in runs.items():
-            fl = [r["train_loss"][-1] for r in rs]
-            tm = [r["test_metric"] for r in rs]
-            wt = [r["wall_time"][-1] for r in rs]
-            md.append(f"| {o} | {_fmt_point(best[o]['point'])} | {_stat(fl)} | {_stat(tm)} | {sum(wt)/len(wt):.1f} |")
-        md.append("")
-        if task == "autoencoder":
-            target = curves["adam"][-1]
-            e_adam = _epochs_to(curves["adam"], target)
-            e_mbf = _epochs_to(curves["mbf"], target)
-            ratio = e_mbf / e_adam
-            ok = ratio <= 0.7
-            verdicts.append(f"autoencoder: MBF reaches Adam's final mean training loss ({target:.4f}) at epoch "
-                            f"{e_mbf if math.isfinite(e_mbf) else 'never'} vs Adam's {e_adam}: ratio "
-                            f"{ratio:.2f} (target <= 0.70: {'MET' if ok else 'NOT MET'})")
-        else:
-            acc = {o: sum(r["test_metric"] for r in rs) / len(rs) for o, rs in runs.items()}
-            ok = acc["mbf"] >= acc["adam"]
-            verdicts.append(f"cnn: MBF mean test accuracy {acc['mbf']:.4f} vs Adam {acc['adam']:.4f} "
-                            f"(target MBF >= Adam: {'MET' if ok else 'NOT MET'})")
-        _plot(task, runs, best, os.path.join(args.out, f"{task}.png"))
-        md += [f"![{task}]({task}.png)", ""]
-    md += ["## Targets", ""] + [f"- {v}" for v in verdicts] + [""]
-    with open(os.path.join(args.out, "runs.csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    with open(os.path.join(args.out, "summary.md"), "w") as fh:
-        fh.write("\n".join(md))
-    print("\n".join(verdicts))
-    print(f"wrote {args.out}/summary.md, runs.csv and plots")
+    write_report(_load(path), tasks, opts, epochs, grids, args.seeds, args.out, smoke=args.smoke)
     return 0
-
-
-def _key(r: dict) -> float:
-    return math.inf if r["diverged"] or not math.isfinite(r["val_loss"]) else r["val_loss"]
-
-
-def _stat(xs: list[float]) -> str:
-    return f"{sum(xs) / len(xs):.4f} ({min(xs):.4f}..{max(xs):.4f})"
-
-
-def _mean_curve(rs: list[dict]) -> list[float]:
-    n = min(len(r["train_loss"]) for r in rs)
-    return [sum(r["train_loss"][i] for r in rs) / len(rs) for i in range(n)]
-
-
-def _epochs_to(curve: list[float], target: float) -> float:
-    return next((i + 1 for i, v in enumerate(curve) if v <= target * (1 + 1e-9)), math.inf)
-
-
-def _device_name(device: str) -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def _plot(task: str, runs: dict, best: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for color, (o, rs) in zip(itertools.cycle(["C0", "C1", "C2"]), runs.items()):
-        n = min(len(r["train_loss"]) for r in rs)
-        ep = list(range(1, n + 1))
-        mean = _mean_curve(rs)
-        lo = [min(r["train_loss"][i] for r in rs) for i in range(n)]
-        hi = [max(r["train_loss"][i] for r in rs) for i in range(n)]
-        t = [sum(r["wall_time"][i] for r in rs) / len(rs) for i in range(n)]
-        label = f"{o} ({_fmt_point(best[o]['point'])})"
-        axes[0].plot(ep, mean, color=color, label=label)
-        axes[0].fill_between(ep, lo, hi, color=color, alpha=0.2)
-        axes[1].plot(t, mean, color=color, label=o)
-        axes[1].fill_between(t, lo, hi, color=color, alpha=0.2)
-    axes[0].set(xlabel="epoch", ylabel="training loss (mean, min..max over seeds)", yscale="log",
-                title=f"digits {task}")
-    axes[1].set(xlabel="training time (s, log)", ylabel="training loss", xscale="log", yscale="log",
-                title="per second of training")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -88,12 +88,16 @@ def test_graft_sgd_step_norm_is_lr_times_the_gradient_norm():
         torch.testing.assert_close(norms(deltas), BASE["lr"] * norms(grads), **TOL)
 
 
-def test_graft_with_momentum_is_adams_first_moment_in_norm():
+def test_graft_with_momentum_is_adams_bias_corrected_first_moment_in_norm():
     m = model()
     opt = MBF(m, **{**BASE, "momentum": 0.9}, graft="adam")
-    grads, deltas = step(m, opt, 0)  # first step: m = (1 - 0.9) s d, Adam's v_hat = g^2
+    # first step: m = (1 - 0.9) s d at lr / (1 - 0.9): Adam's first step, lr * g / (|g| + eps)
+    grads, deltas = step(m, opt, 0)
     adam = [g / (g.abs() + GRAFT_EPS) for g in grads]
-    torch.testing.assert_close(norms(deltas), 0.1 * BASE["lr"] * norms(adam), **TOL)
+    torch.testing.assert_close(norms(deltas), BASE["lr"] * norms(adam), **TOL)
+    # second step: lr / (1 - 0.9^2) * (0.9 m_1 + 0.1 s_2 d_2): a convex combination, no longer than lr * max
+    _, deltas2 = step(m, opt, 1)
+    assert (norms(deltas2) <= BASE["lr"] * norms(adam) * 1.5).all()
 
 
 @pytest.mark.parametrize("graft", [None, "sgd"])
