@@ -77,16 +77,19 @@ def test_demo_cli_writes_table_csv_and_plot(tmp_path):
     assert (out / "demo.png").stat().st_size > 1000
 
 
-def test_quality_study_smoke(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "perf" / "train_quality.py"), "--smoke", "--seeds", "2", "--jobs", "1",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=900,
-    )
+def test_quality_study_smoke_resumes_and_reports(tmp_path):
+    cmd = [sys.executable, str(ROOT / "perf" / "train_quality.py"), "--smoke", "--seeds", "2", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd + ["--stage", "sweep"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = (tmp_path / "summary.md").read_text()
-    assert "SMOKE RUN" in summary and "## Targets" in summary
-    for task in ("autoencoder", "cnn"):
-        assert (tmp_path / f"{task}.png").stat().st_size > 1000
+    swept = list(csv.DictReader(open(tmp_path / "runs.csv")))
+    assert {r["seed"] for r in swept} == {"0"} and "1 of 2 seeds" in (tmp_path / "summary.md").read_text()
+    proc = subprocess.run(cmd + ["--stage", "all"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "runs.csv")))
-    assert {r["optimizer"] for r in rows} == {"mbf", "adam", "sgd"} and {r["seed"] for r in rows} == {"0", "1"}
+    assert rows[: len(swept)] == swept  # the sweep was not run again
+    assert {r["optimizer"] for r in rows} == {"mbf", "mbf-graft", "adam", "sgd"}
+    assert {r["seed"] for r in rows} == {"0", "1"} and all(r["status"] == "ok" for r in rows)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "SMOKE RUN" in summary and "## Done when" in summary
+    for task in ("autoencoder", "tabular"):
+        assert (tmp_path / f"{task}.png").stat().st_size > 1000
