@@ -30,13 +30,13 @@ TASKS = ("autoencoder", "cnn", "resnet", "charlm", "tabular")
 TUNED: dict[str, dict] = {
     "autoencoder": {
         "demo_epochs": 40,
-        "mbf": {"lr": 3e-5, "damping": 1e-5, "block_size": 64, "stat_decay": 0.99, "stat_every": 1},
+        "mbf": {"lr": 3e-5, "damping": 1e-5, "block_size": 64, "stat_decay": 0.99, "stat_every": 1, "graft": None},
         "adam": {"lr": 1e-2},
         "sgd": {"lr": 1.0},
     },
     "cnn": {
         "demo_epochs": 10,
-        "mbf": {"lr": 3e-4, "damping": 1e-3, "stat_decay": 0.99, "stat_every": 1},
+        "mbf": {"lr": 3e-4, "damping": 1e-3, "stat_decay": 0.99, "stat_every": 1, "graft": None},
         "adam": {"lr": 3e-3},
         "sgd": {"lr": 0.03},
     },

@@ -158,7 +158,7 @@ class MBF(Optimizer):
         stat_every: int = 10,
         loss_reduction: str = "mean",
         backend: str = "auto",
-        graft: str | None = None,
+        graft: str | None = "adam",
         kl_clip: float | None = None,
         stat_warmup: int = 0,
     ) -> None:
@@ -299,8 +299,7 @@ class MBF(Optimizer):
             stat_step = self.stepsize.stat_step(self._counters["calls"], self.stat_every)
             # everything that can fail is resolved before the first parameter changes: no partial steps
             plan = self._plan(active)
-            lrs = {id(g): float(g["lr"]) * self.stepsize.lr_factor(self._counters["calls"], g["momentum"])
-                   for g in self.param_groups}  # one read of a tensor lr per group
+            lrs = {id(g): float(g["lr"]) for g in self.param_groups}  # one read of a tensor lr per group
             self._pending_capture = False
             counted: list[tuple[dict[str, Any], torch.Tensor]] = []
             first = False

@@ -10,10 +10,12 @@ The options here make ``lr`` mean what it means for a first-order method:
   rescaled to the norm of Adam's: ``s_p = (1 - momentum) ||g / (sqrt(v_hat) + eps)|| / ||d||`` with
   ``v <- beta2 v + (1 - beta2) g^2`` (Adam's second moment, bias-corrected, ``beta2 = 0.999``,
   ``eps = 1e-8``). MBF's heavy-ball momentum ``m <- momentum m + s d`` then is Adam's first-moment EMA in
-  norm (the ``1 - momentum`` factor) and, as Adam's, it is bias-corrected: the step's learning rate is
-  ``lr / (1 - momentum^t)`` at the ``t``-th step (counted on the host: ``step()`` calls with gradients),
-  so ``lr`` is Adam's learning rate from the first step on; MBF keeps only the direction. (The factor
-  multiplies the decoupled weight decay's lr too.)
+  norm, and bias-corrected as Adam's: at the parameter's ``t``-th (unskipped) step the buffer is first
+  multiplied by ``(1 - momentum^(t-1)) / (1 - momentum^t)`` and the new direction's factor is
+  ``(1 - momentum) / (1 - momentum^t)`` instead of ``1 - momentum``, so the buffer *is* Adam's
+  bias-corrected first moment ``m_hat`` in norm and ``lr`` is Adam's learning rate from the first step on;
+  MBF keeps only the direction. (``t`` is per parameter, on the device: skipped steps do not count, a
+  cleared state starts again at 1.)
 - ``graft="sgd"``: ``s_p = ||g|| / ||d||``: ``lr`` is torch SGD-with-momentum's learning rate.
 - ``kl_clip=kappa`` (K-FAC's trust region): with ``Delta_p = lr s_p d_p``, all directions are scaled by
   ``nu = min(1, sqrt(kappa / sum_p lr^2 s_p^2 g_p . d_p))``, so the step's quadratic model
@@ -48,7 +50,7 @@ FP32_STATE = ("graft_sq", "graft_steps")  # state kept in fp32 whatever the para
 class StepSize:
     """The step-size options of one optimizer (validated here, used by :class:`mbf_triton.MBF`)."""
 
-    graft: str | None = None
+    graft: str | None = "adam"
     kl_clip: float | None = None
     stat_warmup: int = 0
 
@@ -70,13 +72,6 @@ class StepSize:
     def stat_step(self, calls: int, stat_every: int) -> bool:
         """Whether the step after ``calls`` earlier calls takes statistics."""
         return calls < self.stat_warmup or calls % stat_every == 0
-
-    def lr_factor(self, calls: int, momentum: float) -> float:
-        """Multiplier of a group's lr at the step after ``calls`` calls: the momentum's bias correction
-        ``1 / (1 - momentum^(calls + 1))`` under Adam grafting, else 1."""
-        if self.graft != "adam" or momentum == 0.0:
-            return 1.0
-        return 1.0 / (1.0 - momentum ** (calls + 1))
 
     def scaled_gradients(self, entries: list[Any], states: dict[torch.Tensor, dict[str, Any]],
                          lrs: dict[int, float], skip: dict[torch.device, torch.Tensor],
@@ -121,6 +116,13 @@ class StepSize:
         keep = skip.reshape(()) if skip.dtype == torch.bool else skip.reshape(()) != 0
         v.copy_(torch.where(keep, v, torch.lerp(g * g, v, GRAFT_BETA2)))
         t.copy_(torch.where(keep, t, t + 1))
-        v_hat = v / (1 - GRAFT_BETA2 ** t.clamp_min(1.0))
+        t1 = t.clamp_min(1.0)
+        v_hat = v / (1 - GRAFT_BETA2 ** t1)
         adam = g / (v_hat.sqrt() + GRAFT_EPS)
-        return (1.0 - momentum) * torch.linalg.vector_norm(adam) / d_norm
+        if momentum == 0.0:
+            return torch.linalg.vector_norm(adam) / d_norm
+        # momentum's bias correction: the buffer becomes m_hat_t = (1 - mu^(t-1)) / (1 - mu^t) m_hat_(t-1)
+        # + (1 - mu) / (1 - mu^t) s d after the fused update's m <- mu m + (...) d
+        buf = state["momentum_buffer"]
+        buf.mul_(torch.where(keep, torch.ones_like(t1), (1 - momentum ** (t1 - 1)) / (1 - momentum ** t1)))
+        return (1.0 - momentum) / (1 - momentum ** t1) * torch.linalg.vector_norm(adam) / d_norm

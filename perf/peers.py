@@ -18,7 +18,7 @@ from torch import nn
 from mbf_triton import MBF
 
 MBF_VARIANTS = {
-    "mbf": {},  # the paper's method at the package defaults
+    "mbf": {"graft": None},  # the paper's method (other arguments at the package defaults)
     "mbf-graft": {"graft": "adam"},  # lr is Adam's
     "mbf-graft-kl": {"graft": "adam", "kl_clip": 1e-3},
     "mbf-graft-w": {"graft": "adam", "stat_warmup": 10},

@@ -44,7 +44,7 @@ def write_report(rows: list[dict], tasks: list[str], opts: list[str], epochs: di
           f"{env.get('mbf_triton', '')}; one thread per run. Regenerate or extend: "
           "`python perf/train_quality.py --stage all --out perf/quality` (runs already in `runs.csv` are "
           "skipped)." + (" **SMOKE RUN: tiny settings, not results.**" if smoke else ""), "",
-          "Selection: lowest final validation loss of each optimizer's 4-point lr grid (seed 0); the selected "
+          "Selection: lowest final validation loss of each optimizer's 5-point lr grid (seed 0); the selected "
           "point rerun with more seeds. `div`: training loss non-finite or > 1e3; `err`: the optimizer raised. "
           "mean ± standard deviation over the seeds that ran.", ""]
     missing, verdict1, verdict2 = [], [], []
@@ -54,7 +54,7 @@ def write_report(rows: list[dict], tasks: list[str], opts: list[str], epochs: di
         spec = TASK_SPECS[task]
         md += [f"## {task} ({ep} epochs, batch {spec.batch_size}; test metric: {spec.metric})", "",
                "Sweep, seed 0: final validation loss per learning rate", "",
-               "| optimizer | " + " | ".join(f"lr {i + 1}" for i in range(4)) + " |", "|---|" + "---|" * 4]
+               "| optimizer | " + " | ".join(f"lr {i + 1}" for i in range(5)) + " |", "|---|" + "---|" * 5]
         selected: dict[str, list[dict]] = {}
         for o in opts:
             cells = []

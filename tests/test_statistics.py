@@ -196,7 +196,7 @@ def test_one_step_equals_dense_block_diagonal_solve(name):
     p0 = {k: v.detach().clone() for k, v in model.named_parameters()}
     psg = per_sample_grads(model, sample_fn, x, y)
     opt = MBF(model, lr=lr, momentum=0.0, damping=damping, stat_decay=0.0, weight_decay=0.0,
-              block_size=block_size, backend="torch")
+              block_size=block_size, backend="torch", graft=None)  # the paper's step
     model.zero_grad()
     batch_fn(model(x), y).backward()
     g = {k: v.grad.detach().clone() for k, v in model.named_parameters()}

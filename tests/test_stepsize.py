@@ -47,23 +47,27 @@ def norms(ts):
 
 TOL = dict(rtol=2e-5, atol=1e-10)  # float64 model, fp32 curvature and graft arithmetic
 BASE = dict(lr=0.01, momentum=0.0, damping=1e-2, block_size=4, stat_every=1, backend="torch")
+PLAIN = dict(BASE, graft=None)  # the paper's method
 
 
-def test_paper_method_is_the_default_and_unchanged():
-    m1, m2 = model(), model()
-    o1, o2 = MBF(m1, **BASE), MBF(m2, **BASE, graft=None, kl_clip=None, stat_warmup=0)
+def test_default_is_adam_grafting_and_the_paper_method_is_reachable_by_arguments():
+    m1, m2, m3 = model(), model(), model()
+    o1, o2 = MBF(m1, **BASE), MBF(m2, **BASE, graft="adam")
+    o3 = MBF(m3, **BASE, graft=None, kl_clip=None, stat_warmup=0)
     for i in range(3):
         step(m1, o1, i)
         step(m2, o2, i)
-    for a, b in zip(m1.parameters(), m2.parameters()):
-        assert torch.equal(a, b)
-    assert not any("graft_sq" in s for s in o1.state.values())
+        _, d = step(m3, o3, i)
+    for a, b, c in zip(m1.parameters(), m2.parameters(), m3.parameters()):
+        assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not any("graft_sq" in s for s in o3.state.values())  # plain MBF keeps no grafting state
+    assert all("graft_sq" in s for s in o1.state.values())
 
 
 def test_graft_adam_gives_every_parameter_adams_step_norm_along_mbfs_direction():
     m, plain_m = model(), model()
     opt = MBF(m, **BASE, graft="adam")
-    plain = MBF(plain_m, **BASE)
+    plain = MBF(plain_m, **PLAIN)
     v = [torch.zeros_like(p) for p in m.parameters()]
     for i in range(4):
         grads, deltas = step(m, opt, i)
@@ -103,7 +107,7 @@ def test_graft_with_momentum_is_adams_bias_corrected_first_moment_in_norm():
 @pytest.mark.parametrize("graft", [None, "sgd"])
 def test_kl_clip_bounds_the_quadratic_model_of_the_step(graft):
     m_plain, m_free, m_clip = model(), model(), model()
-    grads, d_plain = step(m_plain, MBF(m_plain, **BASE), 0)  # -lr * d (momentum 0)
+    grads, d_plain = step(m_plain, MBF(m_plain, **PLAIN), 0)  # -lr * d (momentum 0)
     _, d_free = step(m_free, MBF(m_free, **BASE, graft=graft), 0)  # -lr * s * d
     lr = BASE["lr"]
     s = norms(d_free) / norms(d_plain)
@@ -132,6 +136,25 @@ def test_stat_warmup_takes_statistics_at_every_early_step():
         counts.append(opt.state[w]["stat_steps"])
     # steps 0, 1, 2 (warm-up), then 10 on the stat_every schedule
     assert counts == [1, 2, 3, 3, 3, 3, 3, 3, 3, 3, 4, 4]
+
+
+def test_a_skipped_first_step_is_as_if_it_never_happened():
+    """Adam's statistics and the momentum's bias correction count unskipped steps, on the device."""
+    kw = dict(BASE, momentum=0.9, graft="adam", kl_clip=1e-3)  # stat_every=1: the same statistics steps
+    m, clean = model(), model()
+    opt, ref_opt = MBF(m, **kw), MBF(clean, **kw)
+    x, y = batch(0)
+    opt.zero_grad()
+    nn.functional.cross_entropy(m(x.double()), y).backward()
+    m[4].weight.grad[0, 0] = float("nan")
+    opt.step()
+    for i in range(1, 5):
+        step(m, opt, i)
+        step(clean, ref_opt, i)
+    assert (opt.steps, opt.skipped_steps) == (4, 1)
+    for p, q in zip(m.parameters(), clean.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["graft_steps"], ref_opt.state[q]["graft_steps"])
 
 
 def test_skipped_step_leaves_graft_state_untouched():
