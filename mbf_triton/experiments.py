@@ -25,8 +25,8 @@ from .optimizer import MBF
 OPTIMIZERS = ("mbf", "adam", "sgd")
 TASKS = ("autoencoder", "cnn", "resnet", "charlm", "tabular")
 
-# Hyperparameters of the demo: the points selected by the study in perf/train_quality.py (lowest final
-# validation loss of each optimizer's grid, seed 0; see perf/quality/summary.md).
+# Hyperparameters of the demo: the paper's method (graft=None) at the points the first digits study selected
+# (lowest final validation loss of each optimizer's grid, seed 0; commit 4962760's perf/quality/summary.md).
 TUNED: dict[str, dict] = {
     "autoencoder": {
         "demo_epochs": 40,

@@ -7,7 +7,9 @@ One ``step()``, for every parameter with a gradient:
    (captured layer inputs and output gradients; :mod:`mbf_triton.capture`), folded into the running
    estimate ``F_i <- stat_decay * F_i + (1 - stat_decay) * Fhat_i`` (``F_1 = Fhat_1``);
 2. direction ``d_i = (F_i + damping * I)^{-1} g_i``;
-3. update: ``p <- p * (1 - lr * weight_decay)``, ``m <- momentum * m + d``, ``p <- p - lr * m``.
+3. update: ``p <- p * (1 - lr * weight_decay)``, ``m <- momentum * m + d``, ``p <- p - lr * m``;
+   by default (``graft="adam"``) each parameter's ``d`` is first rescaled to Adam's step length
+   (:mod:`mbf_triton.stepsize`); ``graft=None`` is the paper's method.
 
 Steps 2-3 are one fused call of the backend (:mod:`mbf_triton.backends`). A gradient with NaN/Inf
 skips the whole step on the device (a flag every state-writing op reads), so ``step()`` never waits for
