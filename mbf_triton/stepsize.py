@@ -113,9 +113,9 @@ class StepSize:
             state["graft_sq"] = torch.zeros_like(g)
             state["graft_steps"] = torch.zeros((), dtype=torch.float32, device=g.device)
         v, t = state["graft_sq"], state["graft_steps"]
-        keep = skip.reshape(()) if skip.dtype == torch.bool else skip.reshape(()) != 0
-        v.copy_(torch.where(keep, v, torch.lerp(g * g, v, GRAFT_BETA2)))
-        t.copy_(torch.where(keep, t, t + 1))
+        skipped = skip.reshape(()) if skip.dtype == torch.bool else skip.reshape(()) != 0
+        v.copy_(torch.where(skipped, v, torch.lerp(g * g, v, GRAFT_BETA2)))
+        t.copy_(torch.where(skipped, t, t + 1))
         t1 = t.clamp_min(1.0)
         v_hat = v / (1 - GRAFT_BETA2 ** t1)
         adam = g / (v_hat.sqrt() + GRAFT_EPS)
@@ -124,5 +124,5 @@ class StepSize:
         # momentum's bias correction: the buffer becomes m_hat_t = (1 - mu^(t-1)) / (1 - mu^t) m_hat_(t-1)
         # + (1 - mu) / (1 - mu^t) s d after the fused update's m <- mu m + (...) d
         buf = state["momentum_buffer"]
-        buf.mul_(torch.where(keep, torch.ones_like(t1), (1 - momentum ** (t1 - 1)) / (1 - momentum ** t1)))
+        buf.mul_(torch.where(skipped, torch.ones_like(t1), (1 - momentum ** (t1 - 1)) / (1 - momentum ** t1)))
         return (1.0 - momentum) / (1 - momentum ** t1) * torch.linalg.vector_norm(adam) / d_norm
