@@ -38,13 +38,17 @@ class TorchBackend:
         self, f: torch.Tensor, x: torch.Tensor, gout: torch.Tensor, *, b: int, scale: float, decay: float,
         skip: torch.Tensor | None = None,
     ) -> None:
-        ref.fisher_ema_(f, ref.linear_fisher(x, gout, b, scale), decay, skip)
+        skipped, skip = ref.host_skip(skip)
+        if not skipped:
+            ref.fisher_ema_(f, ref.linear_fisher(x, gout, b, scale), decay, skip)
 
     def conv_fisher_ema_(
         self, f: torch.Tensor, x: torch.Tensor, gout: torch.Tensor, *, geometry: ref.ConvGeometry, groups: int,
         scale: float, decay: float, skip: torch.Tensor | None = None,
     ) -> None:
-        ref.fisher_ema_(f, ref.conv_fisher(geometry.patches(x), gout, groups, scale), decay, skip)
+        skipped, skip = ref.host_skip(skip)
+        if not skipped:
+            ref.fisher_ema_(f, ref.conv_fisher(geometry.patches(x), gout, groups, scale), decay, skip)
 
     def block_update_(
         self,
@@ -79,6 +83,9 @@ class TorchBackend:
         """:meth:`block_update_` for several ``(f, grad, param, momentum_buffer)`` of one block size, dtype,
         device and hyperparameters: one batched solve over all their mini-blocks (the Triton backend does
         them in one launch)."""
+        skipped, skip = ref.host_skip(skip)
+        if skipped:
+            return
         grads = [ref.to_blocks(grad.float(), b) for _, grad, _, _ in items]
         g = grads[0] if len(grads) == 1 else torch.cat(grads)
         if b == 1:  # scalar blocks: a division, nothing worth keeping
@@ -89,9 +96,9 @@ class TorchBackend:
             d, fallback = ref.block_solve(factor, g), factor.fallback
         fallback = ref.and_not_skipped(fallback, skip)  # a skipped step counts no fallback either
         fallback_count.add_(fallback.sum().to(fallback_count.dtype))
-        for (_, _, param, buf), d_i in zip(items, d.split([x.shape[0] for x in grads])):
-            rows, cols = param.shape
-            ref.apply_update_(param, ref.from_blocks(d_i, rows, cols), buf, lr, momentum, weight_decay, skip)
+        params = [param for _, _, param, _ in items]
+        ds = [ref.from_blocks(d_i, *param.shape) for param, d_i in zip(params, d.split([x.shape[0] for x in grads]))]
+        ref.apply_update_(params, ds, [buf for _, _, _, buf in items], lr, momentum, weight_decay, skip)
 
     # Factors of F + damping I are kept between steps: F changes only on statistics steps (every
     # ``stat_every`` steps), so the other steps cost two triangular substitutions. Valid while every F is
@@ -169,9 +176,12 @@ class TritonBackend(TorchBackend):
                             skip=None):  # noqa: D102
         # One launch for the whole group (launch latency dominates small models); a single parameter, or
         # b beyond the register tile, goes through the per-parameter path and its tuned configuration.
-        if len(items) == 1 or b > self._block_update.MAX_BLOCK_SIZE:
+        if b > self._block_update.MAX_BLOCK_SIZE:  # one batched torch solve
             return super().block_update_group_(items, fallback_count, b=b, damping=damping, lr=lr,
                                                momentum=momentum, weight_decay=weight_decay, skip=skip)
+        if len(items) == 1:
+            return self.block_update_(*items[0], fallback_count, b=b, damping=damping, lr=lr, momentum=momentum,
+                                      weight_decay=weight_decay, skip=skip)
         kw = dict(b=b, damping=damping, lr=lr, momentum=momentum, weight_decay=weight_decay)
         # every program runs the same per-block code as the single-parameter kernel: the group launches
         # with the configuration tuned for its largest member

@@ -61,6 +61,11 @@ class Capture:
                 self._hooked.add(id(module))
                 self._handles.append(module.register_forward_hook(self._forward_hook))
 
+    @property
+    def model(self) -> nn.Module | None:
+        """The model whose layers are hooked (None once it is gone)."""
+        return self._model()
+
     def module_of(self, param: torch.Tensor) -> nn.Module | None:
         entry = self._owner.get(id(param))
         return entry[1] if entry is not None and entry[0] is param else None

@@ -257,6 +257,13 @@ class MBF(Optimizer):
         group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
         return layout_for(param, self._capture.module_of(param), group["block_size"])
 
+    def summary(self) -> str:
+        """A table of every parameter: name, mini-block layout, backend, launch configuration of the fused
+        update (Triton), bytes of curvature state and the scale of diag F (:mod:`mbf_triton.summary`)."""
+        from .summary import format_summary
+
+        return format_summary(self)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim's, and drops the captured inputs/output gradients of backward passes that no
         ``step()`` consumed (e.g. a step skipped by the caller); records still waiting for their backward

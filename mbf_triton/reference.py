@@ -235,6 +235,14 @@ def conv_fisher(u: torch.Tensor, gout: torch.Tensor, groups: int, scale: float) 
     return out.reshape(c_out * cg, -1)
 
 
+def host_skip(skip: torch.Tensor | None) -> tuple[bool, torch.Tensor | None]:
+    """``(skipped, flag)``: a flag in host memory is read at no cost, and then no write needs guarding
+    (``flag`` None); a device's flag is passed on, for the ops to guard their writes with it."""
+    if skip is not None and skip.device.type == "cpu":
+        return bool(skip.item()), None
+    return False, skip
+
+
 def and_not_skipped(ok: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
     """``ok`` where the step is not skipped, all false where it is. ``skip``: the step's one-element flag
     (bool, or uint8 0/1); one elementwise op, ``ok > skip``, as these run for every small parameter."""
@@ -248,8 +256,16 @@ def fisher_ema_(f: torch.Tensor, fhat: torch.Tensor, decay: float, skip: torch.T
     reaches the curvature state. ``skip``: the step's device-side skip flag (one element, bool or uint8;
     non-zero: ``F`` is left as it is), read without a host synchronisation.
     """
+    skipped, skip = host_skip(skip)
+    if skipped:
+        return f
     fhat = fhat.to(f.dtype)
     new = fhat if decay == 0.0 else torch.lerp(fhat, f, decay)
+    if new.device.type == "cpu" and skip is None and torch.isfinite(new.sum()):
+        # one reduction answers for every block on the CPU (inf/NaN anywhere make the sum non-finite; a
+        # sum that overflows from finite entries takes the per-block path below)
+        f.copy_(new)
+        return f
     # |x| < inf is false for NaN and +-Inf: torch.isfinite in two elementwise ops instead of four
     ok = and_not_skipped((new.abs() < math.inf).all(dim=-1, keepdim=True), skip)
     f.copy_(torch.where(ok, new, f))
@@ -302,6 +318,12 @@ class BlockFactor:
     chol: torch.Tensor
     fallback: torch.Tensor
     diag_denom: torch.Tensor
+    any_fallback: bool | None = None  # known without a device synchronisation (CPU tensors), else None
+
+    @classmethod
+    def of(cls, b: int, chol: torch.Tensor, fallback: torch.Tensor, diag: torch.Tensor, damping: float):
+        known = bool(fallback.any()) if fallback.device.type == "cpu" else None
+        return cls(b, chol, fallback, diag.clamp(min=0).add_(damping), known)
 
 
 def damped_cholesky(f: torch.Tensor, b: int, damping: float) -> BlockFactor:
@@ -321,7 +343,7 @@ def damped_cholesky(f: torch.Tensor, b: int, damping: float) -> BlockFactor:
         packed_chol = pack_tril(chol).t().contiguous()
         bad = (info != 0) | ~torch.isfinite(packed_chol.sum(dim=0))
         diag = f.index_select(1, diag_indices(b, f.device)).t()
-        return BlockFactor(b, packed_chol, bad, diag.clamp(min=0).add_(damping))
+        return BlockFactor.of(b, packed_chol, bad, diag, damping)
     packed = f.t().contiguous()  # (T, n): row p of every block is packed[p*(p+1)//2 : ... + p + 1]
     # the lower triangle, batch-last, row by row (contiguous slabs); the upper triangle is never read
     a = torch.empty(b, b, n, dtype=f.dtype, device=f.device)
@@ -342,7 +364,7 @@ def damped_cholesky(f: torch.Tensor, b: int, damping: float) -> BlockFactor:
     # a non-finite entry makes a later pivot non-finite; this also catches overflow in the last row
     bad |= ~torch.isfinite(chol.sum(dim=0))
     diag = f.index_select(1, diag_indices(b, f.device)).t()  # (b, n)
-    return BlockFactor(b, chol, bad, diag.clamp(min=0).add_(damping))
+    return BlockFactor.of(b, chol, bad, diag, damping)
 
 
 def block_solve(factor: BlockFactor, g: torch.Tensor) -> torch.Tensor:
@@ -353,18 +375,20 @@ def block_solve(factor: BlockFactor, g: torch.Tensor) -> torch.Tensor:
     """
     b, chol = factor.b, factor.chol
     rhs = g.to(chol.dtype).t().contiguous()  # (b, n)
-    y = torch.empty_like(rhs)
-    for i in range(b):  # L y = g
+    y = rhs.clone()
+    for i in range(b):  # L y = g, row by row, in place
         start = i * (i + 1) // 2
-        yi = rhs[i] - (chol[start : start + i] * y[:i]).sum(dim=0) if i else rhs[i]
-        y[i] = yi / chol[start + i]
+        if i:
+            y[i].sub_((chol[start : start + i] * y[:i]).sum(dim=0))
+        y[i].div_(chol[start + i])
     for i in reversed(range(b)):  # L^T x = y, column by column: x_i, then remove it from the rows above
         start = i * (i + 1) // 2
         y[i].div_(chol[start + i])
         if i:
             y[:i].addcmul_(chol[start : start + i], y[i], value=-1.0)
-    d = torch.where(factor.fallback, rhs / factor.diag_denom, y)
-    return d.t()
+    if factor.any_fallback is False:
+        return y.t()
+    return torch.where(factor.fallback, rhs / factor.diag_denom, y).t()
 
 
 def damped_block_solve(
@@ -390,9 +414,9 @@ def damped_block_solve(
 
 
 def apply_update_(
-    param: torch.Tensor,
-    direction: torch.Tensor,
-    momentum_buffer: torch.Tensor,
+    param: torch.Tensor | list[torch.Tensor],
+    direction: torch.Tensor | list[torch.Tensor],
+    momentum_buffer: torch.Tensor | list[torch.Tensor],
     lr: float,
     momentum: float,
     weight_decay: float,
@@ -403,7 +427,24 @@ def apply_update_(
     ``m <- momentum * m + d``; ``p <- p * (1 - lr * weight_decay) - lr * m``; arithmetic in fp32
     (float64 for float64 parameters; ``momentum_buffer`` is fp32), the result cast to the parameter's dtype.
     ``skip``: the step's device-side skip flag; when set, ``param`` and ``momentum_buffer`` keep their values.
+    The first three arguments may be lists (several parameters sharing the hyperparameters): fp32
+    parameters without a flag are then updated in place by ``torch._foreach`` ops, the same arithmetic
+    in a few calls.
     """
+    if isinstance(param, torch.Tensor):
+        param, direction, momentum_buffer = [param], [direction], [momentum_buffer]
+    if skip is None and all(p.dtype == torch.float32 for p in param):
+        torch._foreach_mul_(momentum_buffer, momentum)
+        torch._foreach_add_(momentum_buffer, direction)
+        if weight_decay != 0.0:
+            torch._foreach_mul_(param, 1.0 - lr * weight_decay)
+        torch._foreach_add_(param, momentum_buffer, alpha=-lr)
+        return
+    for p_, d_, m_ in zip(param, direction, momentum_buffer):
+        _apply_one_(p_, d_, m_, lr, momentum, weight_decay, skip)
+
+
+def _apply_one_(param, direction, momentum_buffer, lr, momentum, weight_decay, skip) -> None:
     m = momentum_buffer.mul(momentum).add_(direction)
     p = _f32(param)  # fp32 arithmetic (float64 for float64 parameters); out of place until the writes
     if weight_decay != 0.0:

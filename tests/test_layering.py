@@ -26,6 +26,7 @@ LAYERS = {
     "mbf_triton.backends": 2,
     "mbf_triton.capture": 3,
     "mbf_triton.optimizer": 3,
+    "mbf_triton.summary": 3,
     "mbf_triton.experiments": 4,
     "mbf_triton.cli": 4,
     "mbf_triton.__main__": 5,
