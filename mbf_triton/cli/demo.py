@@ -13,6 +13,7 @@ import csv
 import inspect
 import math
 import os
+import sys
 import time
 
 import torch
@@ -78,7 +79,8 @@ def device_label(device: str) -> str:
     dev = torch.device(device)
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    return f"CPU ({torch.get_num_threads()} threads of {os.cpu_count()} cores)"
+    threads = torch.get_num_threads()
+    return f"CPU ({threads} thread{'s' if threads > 1 else ''} of {os.cpu_count()} cores)"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,7 +89,11 @@ def run(args: argparse.Namespace) -> int:
     epochs = args.epochs or TUNED[args.task]["demo_epochs"]
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    data = load_digits(args.device)
+    try:
+        data = load_digits(args.device)
+    except ImportError as e:  # scikit-learn is in the demo extra
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     where = device_label(args.device)
     print(f"task: {args.task} on digits ({len(data.x_train)} train / {len(data.x_test)} test), "
           f"{epochs} epochs, batch 100, on {where}", flush=True)
