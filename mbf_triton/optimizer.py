@@ -25,16 +25,21 @@ from itertools import chain
 from typing import Any
 
 import torch
+import torch.nn.functional as tnf
 from torch import nn
 from torch.optim import Optimizer
 
 from . import reference as ref
 from .backends import BACKENDS, get_backend
 from .blocks import CONV_TYPES, Layout, layout_for
-from .capture import Capture, Record
+from .capture import NORM_TYPES, Capture
 
 LOSS_REDUCTIONS = ("mean", "sum")
 _FP32_STATE = ("F", "momentum_buffer")  # kept in fp32 whatever the parameter's dtype
+_HYPERPARAMETERS = ("lr", "momentum", "damping", "stat_decay", "weight_decay", "block_size")
+# keys a param group may carry besides the hyperparameters: torch.optim's names, lr schedulers' initial_lr
+_GROUP_KEYS = frozenset(_HYPERPARAMETERS) | {"params", "param_names", "name", "initial_lr"}
+
 
 
 def _check_number(name: str, value: Any, low: float, high: float, low_open: bool, high_open: bool) -> None:
@@ -164,6 +169,7 @@ class MBF(Optimizer):
             raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
+        self._constructing = model  # the model, while super().__init__ checks the groups
         defaults = dict(
             lr=lr, momentum=momentum, damping=damping, stat_decay=stat_decay,
             weight_decay=weight_decay, block_size=block_size,
@@ -172,10 +178,13 @@ class MBF(Optimizer):
         self.stat_every = stat_every
         self.loss_reduction = loss_reduction
         self.backend = backend
-        self._capture = Capture(model, params=[p for g in self.param_groups for p in g["params"]])
+        del self._constructing
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        self._capture = Capture(model, params=all_params)
+        self._capture.attach(self, all_params)
         # the hooks hold the capture, not the optimizer: an optimizer that is dropped takes its hooks along
         self._finalizer = weakref.finalize(self, self._capture.remove)
-        self._pending_capture = False  # a parameter is waiting for its first statistics
+        self._checked: tuple | None = None  # the hyperparameters last validated (re-checked when they change)
         self._plan_cache: _Plan | None = None
         # step: steps that updated; skipped_steps: steps whose gradients held NaN/Inf; calls: step() calls
         # with gradients, both kinds (the statistics schedule counts these: the host decides what to capture
@@ -187,12 +196,60 @@ class MBF(Optimizer):
         self._sync_capture()
 
     # ------------------------------------------------------------------ torch.optim plumbing
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler passes grad_scale and found_inf (see step())
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if isinstance(param_group, dict):
+            unknown = sorted(str(k) for k in set(param_group) - _GROUP_KEYS - set(self.defaults))
+            if unknown:
+                raise ValueError(f"unknown param group keys {unknown}; MBF's are {sorted(_GROUP_KEYS)}")
         super().add_param_group(param_group)
-        _check_group(self.param_groups[-1])
+        group = self.param_groups[-1]
+        _check_group(group)
+        self._check_params(group["params"], len(self.param_groups) - 1)
         self._plan_cache = None
         if hasattr(self, "_capture"):  # a group added after construction: hook its layers too
-            self._capture.watch(self.param_groups[-1]["params"])
+            self._capture.watch(group["params"])
+            self._capture.attach(self, group["params"])
+            self._sync_capture()
+
+    def _check_params(self, params: list[torch.Tensor], index: int) -> None:
+        """Parameters must belong to ``model``; sparse gradients are not supported."""
+        model = self._constructing if hasattr(self, "_constructing") else self._capture._model()
+        if model is None:
+            return
+        own = {id(p) for p in model.parameters()}
+        foreign = [f"#{i} (shape {tuple(p.shape)})" for i, p in enumerate(params) if id(p) not in own]
+        if foreign:
+            raise ValueError(f"param group {index}: parameters {', '.join(foreign)} are not parameters of "
+                             "model (MBF hooks the model that owns them: pass a model that holds them all)")
+        sparse = {id(m.weight) for m in model.modules()
+                  if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse}
+        sparse = [f"#{i} (shape {tuple(p.shape)})" for i, p in enumerate(params) if id(p) in sparse]
+        if sparse:
+            raise ValueError(f"param group {index}: parameters {', '.join(sparse)} would get sparse gradients "
+                             "(nn.Embedding/EmbeddingBag with sparse=True), which MBF does not support; "
+                             "use sparse=False")
+
+    # ------------------------------------------------------------------ copies and pickles
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim keeps only defaults, state and param_groups; MBF needs its counters and capture too.
+        # The capture carries the model: a copy of (model, opt) trains the copied model.
+        self._settle()
+        state = dict(self.__dict__)
+        state.pop("_finalizer", None)
+        state["_plan_cache"] = None
+        state["_unsettled"] = []
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_capture" not in state:  # a pickle of torch.optim's state only: nothing to attach
+            return
+        params = [p for g in self.param_groups for p in g["params"]]
+        self._capture.attach(self, params)
+        self._finalizer = weakref.finalize(self, self._capture.remove)
+        self._sync_capture()
 
     def state_dict(self) -> dict[str, Any]:
         self._settle()
@@ -231,6 +288,9 @@ class MBF(Optimizer):
             if extra.get("fallback_blocks"):
                 device = next(p.device for g in self.param_groups for p in g["params"])
                 self._fallback_counter(device)[1].fill_(int(extra["fallback_blocks"]))
+        for state in self.state.values():
+            if "F" in state:
+                self._schedule_defaults(state)
         self._sync_capture()
 
     # ------------------------------------------------------------------ public counters
@@ -258,11 +318,10 @@ class MBF(Optimizer):
         return layout_for(param, self._capture.module_of(param), group["block_size"])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """As torch.optim's, and drops the captured inputs/output gradients of backward passes that no
-        ``step()`` consumed (e.g. a step skipped by the caller); records still waiting for their backward
-        pass are kept."""
+        """As torch.optim's; the captured output gradients of the discarded gradients go with them (records
+        still waiting for their backward pass are kept: forward, ``zero_grad()``, backward is a common order)."""
         super().zero_grad(set_to_none=set_to_none)
-        self._capture.drop_completed()
+        self._capture.discard([p for g in self.param_groups for p in g["params"]])
 
     def remove_hooks(self) -> None:
         """Detach the optimizer's hooks from the model (it can no longer compute statistics)."""
@@ -271,6 +330,9 @@ class MBF(Optimizer):
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One update. Under ``torch.amp.GradScaler`` (``scaler.step(opt)``), the scaler's ``grad_scale`` and
+        ``found_inf`` (attributes it sets for optimizers with ``_step_supports_amp_scaling``) unscale the
+        gradients and the statistics on the device and join the skip flag: no host synchronisation."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -284,20 +346,31 @@ class MBF(Optimizer):
                       if p.grad is not None and p.numel() > 0]
             if not active:
                 return loss
+            self._check_changed_groups()
+            sparse = [tuple(p.shape) for _, p in active if p.grad.is_sparse]
+            if sparse:
+                raise ValueError(f"sparse gradients (parameters of shape {sparse}) are not supported by MBF")
+            grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+            if found_inf is not None and grad_scale is None:
+                raise RuntimeError(
+                    "GradScaler.unscale_(opt) was called before scaler.step(opt): MBF's statistics (captured "
+                    "output gradients) still carry the loss scale, which the scaler does not pass then; call "
+                    "scaler.step(opt) without unscale_ (see the README: mixed precision)")
+            grads = [p.grad for _, p in active]
             # Non-finite gradients skip the whole step on the device: every kernel and reference op that
             # writes state reads this flag, so the host does not wait for the check.
-            skip = self._nonfinite_flags([p.grad for _, p in active])
-            stat_step = self._counters["calls"] % self.stat_every == 0
+            skip = self._nonfinite_flags(grads, found_inf)
+            inv_scale = self._unscale_(grads, grad_scale)
             # everything that can fail is resolved before the first parameter changes: no partial steps
             plan = self._plan(active)
             lrs = {id(g): float(g["lr"]) for g in self.param_groups}  # one read of a tensor lr per group
-            self._pending_capture = False
             counted: list[tuple[dict[str, Any], torch.Tensor]] = []
+            scheduled: list[dict[str, Any]] = []  # states whose statistics ran: their next ones are scheduled
             first = False
             try:
                 diag: dict[tuple, _DiagBatch] = {}  # (device, decay) -> the 1x1-block statistics done together
                 for entry in plan.entries:
-                    first |= self._statistics(entry, stat_step, diag, skip, counted)
+                    first |= self._statistics(entry, diag, skip, counted, scheduled, inv_scale)
                 for (device, decay), d in diag.items():
                     ref.diag_fisher_ema_(d.grad_fs + d.fhat_fs, d.grads, decay, skip[device], fhats=d.fhats)
                     for state in d.states:
@@ -313,38 +386,78 @@ class MBF(Optimizer):
             for device, step_count in self._fallback_step.items():
                 self._fallback_total[device].add_(step_count)
                 step_count.zero_()
+            for state in scheduled:
+                state["stat_next"] = state["calls"] + self.stat_every
+            for entry in plan.entries:  # each parameter's own schedule counts the calls it had a gradient in
+                self.state[entry.param]["calls"] += 1
             this = self._unsettled_step(skip, counted, first)
             self._unsettled.append(this)
             self._counters["calls"] += 1
             self._counters["step"] += 1  # provisional: _settle moves it to skipped_steps if the flag was set
             self._settle(wait=False)  # at once where the flag is on the host already (CPU)
-            if first and any(u is this for u in self._unsettled):
-                # Should this step turn out skipped, the layers that started their statistics in it start
-                # again in the next one, which then needs per-sample data: capture it, just in case.
-                self._pending_capture = True
         finally:
             self._capture.clear()
             self._sync_capture()
         return loss
 
+    def _check_changed_groups(self) -> None:
+        """Validate the groups' hyperparameters when they changed since the last check (a tuple compare)."""
+        key = tuple(tuple(id(v) if isinstance(v := g[k], torch.Tensor) else v for k in _HYPERPARAMETERS)
+                    for g in self.param_groups)
+        if key != self._checked:
+            for group in self.param_groups:
+                _check_group(group)
+            self._checked = key
+
     def _sync_capture(self) -> None:
-        # capture during the forward/backward that precedes a statistics step
-        self._capture.capturing = self._pending_capture or self._counters["calls"] % self.stat_every == 0
+        """Capture, in the next forward/backward, the layers whose statistics are due at their next step: a
+        first estimate, the schedule (every ``stat_every`` of the layer's own steps), or a first estimate made
+        in a step whose skip flag is not read yet (should it be skipped, the next step starts it again)."""
+        maybe_first = {id(s) for u in self._unsettled if u.first_statistics for s, _ in u.counted}
+        wanted = set()
+        for module, params in self._capture.layers():
+            for p in params:
+                state = self.state.get(p)
+                if (not state or state["stat_steps"] == 0 or state["calls"] >= state["stat_next"]
+                        or id(state) in maybe_first):
+                    wanted.add(id(module))
+                    break
+        self._capture.wanted = wanted
 
     @staticmethod
-    def _nonfinite_flags(grads: list[torch.Tensor]) -> dict[torch.device, torch.Tensor]:
+    def _nonfinite_flags(grads: list[torch.Tensor], found_inf: torch.Tensor | None = None,
+                         ) -> dict[torch.device, torch.Tensor]:
         """Per device of ``grads``, a one-element bool flag, true if any gradient entry (on any device) is NaN
-        or Inf (max |g| is then NaN or Inf). A few small launches, no host synchronisation."""
+        or Inf (max |g| is then NaN or Inf), or if GradScaler's ``found_inf`` is set. A few small launches, no
+        host synchronisation."""
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for g in grads:
             by_device.setdefault(g.device, []).append(g)
         # max |g| < inf is false for NaN and Inf (two ops where isfinite takes four)
         bad = {device: (torch.stack(torch._foreach_norm(gs, math.inf)) < math.inf).all().logical_not()
                for device, gs in by_device.items()}
+        if found_inf is not None:
+            bad = {device: b | (found_inf.to(device, non_blocking=True).reshape(()) > 0) for device, b in bad.items()}
         if len(bad) > 1:  # one step on several devices: skipped everywhere or nowhere
             anywhere = [torch.stack([b.to(device) for b in bad.values()]).any() for device in bad]
             bad = dict(zip(bad, anywhere))
         return {device: b.reshape(1) for device, b in bad.items()}
+
+    @staticmethod
+    def _unscale_(grads: list[torch.Tensor], grad_scale: torch.Tensor | None,
+                  ) -> dict[torch.device, torch.Tensor] | None:
+        """Divide the gradients by GradScaler's scale in place, on the device; per device, the inverse scale
+        (a 0-dim fp32 tensor) that the captured output gradients are multiplied by too (None: no scaler)."""
+        if grad_scale is None:
+            return None
+        inv = grad_scale.double().reciprocal().float().reshape(())
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for g in grads:
+            by_device.setdefault(g.device, []).append(g)
+        invs = {device: inv.to(device, non_blocking=True) for device in by_device}
+        for device, gs in by_device.items():
+            torch._foreach_mul_(gs, invs[device])
+        return invs
 
     @staticmethod
     def _unsettled_step(skip: dict[torch.device, torch.Tensor], counted: list, first: bool,
@@ -377,9 +490,7 @@ class MBF(Optimizer):
                     self._counters["skipped_steps"] += 1
                 for state, f in u.counted:
                     if state.get("F") is f:  # not reset (state cleared, checkpoint loaded) since
-                        state["stat_steps"] -= 1
-                # statistics that were to start in it start in the next step, which needs per-sample data
-                self._pending_capture |= u.first_statistics
+                        state["stat_steps"] -= 1  # a first estimate undone is due again at the next step
 
     def _fallback_counter(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._fallback_step:
@@ -422,6 +533,8 @@ class MBF(Optimizer):
             state["F"] = torch.zeros(layout.n_blocks, layout.tri, dtype=torch.float32, device=p.device)
             state["momentum_buffer"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
             state["stat_steps"] = 0
+            state["calls"] = state["stat_next"] = 0  # the parameter's own statistics schedule
+        self._schedule_defaults(state)
         for key in _FP32_STATE:  # e.g. a checkpoint loaded before model.cuda()
             if state[key].device != p.device:
                 state[key] = state[key].to(p.device)
@@ -431,28 +544,35 @@ class MBF(Optimizer):
                 f"layout {layout} (was block_size changed after the first step?)"
             )
 
-    def _statistics(self, entry: _Entry, stat_step: bool, diag: dict[tuple, _DiagBatch],
-                    skip: dict[torch.device, torch.Tensor], counted: list[tuple[dict[str, Any], torch.Tensor]],
-                    ) -> bool:
-        """Fold this step's batch Fisher into ``F`` when the schedule (or a first step) asks for it.
-        1x1-block statistics formed by torch ops (norm scales, biases) are collected in ``diag`` (done
-        together); the states whose ``stat_steps`` this counts go to ``counted``. True if this is ``F``'s
-        first statistic."""
+    def _schedule_defaults(self, state: dict[str, Any]) -> None:
+        if "calls" not in state:  # a checkpoint from before per-parameter schedules: the global one
+            calls = self._counters["calls"]
+            state["calls"], state["stat_next"] = calls, -(-calls // self.stat_every) * self.stat_every
+
+    def _statistics(self, entry: _Entry, diag: dict[tuple, _DiagBatch], skip: dict[torch.device, torch.Tensor],
+                    counted: list[tuple[dict[str, Any], torch.Tensor]], scheduled: list[dict[str, Any]],
+                    inv_scale: dict[torch.device, torch.Tensor] | None) -> bool:
+        """Fold this step's batch Fisher into ``F`` when the parameter's own schedule asks for it (its first
+        step with statistics, then every ``stat_every`` of its steps). 1x1-block statistics formed by torch
+        ops (norm scales, biases, batch gradients) are collected in ``diag`` (done together); the states
+        whose ``stat_steps`` this counts go to ``counted``. True if this is ``F``'s first statistic."""
         p, module, layout = entry.param, entry.module, entry.layout
         state = self.state[p]
-        if not (stat_step or state["stat_steps"] == 0):
+        if not (state["stat_steps"] == 0 or state["calls"] >= state["stat_next"]):
             return False
-        records = self._capture.complete_records(module) if module is not None else []
-        if state["stat_steps"] == 0 and not stat_step and module is not None and not records:
-            # First gradient of a layer off the statistics schedule (added, unfrozen, or unused so far): no
-            # per-sample data was captured. Step with F = 0 (damping only) and capture for the next step
-            # rather than starting F from the batch gradient, which is ~N times too small.
-            self._pending_capture = True
+        passes = self._capture.passes(p)  # also notices a .grad replaced since the last backward
+        records = self._records(module, p, inv_scale) if module is not None else []
+        if module is not None and not records and self._capture.seen(module):
+            # A layer with no per-sample data for this gradient (first gradient off its schedule, a branch
+            # skipped when it was captured, an autograd.grad-only pass): it stays due and is captured, so its
+            # statistics come at its next step with captured data. Until its first, F = 0 (damping only):
+            # the batch gradient would be a ~N times too small estimate.
             return False
+        scheduled.append(state)
         decay = entry.group["stat_decay"] if state["stat_steps"] > 0 else 0.0
-        if layout.b == 1 and not (records and p is module.weight):
-            # 1x1 blocks whose statistic torch ops form (norm scales, biases): folded together with the others
-            # of this device and decay; the caller counts them
+        if layout.kind == "diag":
+            # 1x1 blocks whose statistic torch ops form (norm scales, biases, batch gradients): folded together
+            # with the others of this device and decay; the caller counts them
             d = diag.setdefault((p.device, decay), _DiagBatch([], [], [], [], []))
             if records:
                 d.fhat_fs.append(state["F"])
@@ -460,13 +580,34 @@ class MBF(Optimizer):
                                                       skip[p.device]))
             else:
                 d.grad_fs.append(state["F"])
-                d.grads.append(p.grad)
+                d.grads.append(self._mean_gradient(p, passes))
             d.states.append(state)
             return False
-        fhat = self._batch_statistics(entry.backend, p, module, layout, state["F"], decay, records, skip[p.device])
+        if not records:
+            fhat = ref.outer_fisher(ref.to_blocks(layout.matrix(self._mean_gradient(p, passes).contiguous()).float(),
+                                                  layout.b)[None])
+        else:
+            fhat = self._batch_statistics(entry.backend, p, module, layout, state["F"], decay, records, skip[p.device])
         if fhat is not None:  # formed by torch ops: no kernel folded it in
             ref.fisher_ema_(state["F"], fhat, decay, skip[p.device])
         return self._count_statistic(state, counted)
+
+    def _mean_gradient(self, p: torch.Tensor, passes: int) -> torch.Tensor:
+        """The batch gradient that stands in for one sample where no per-sample data exists, ``Fhat = g g^T``.
+        With a mean loss, ``K`` backward passes accumulated into ``.grad`` (gradient accumulation: one mean
+        loss per micro-batch) hold ``K`` times the mean gradient of all their samples: it is divided by ``K``,
+        so that ``Fhat`` is the same as for one pass over the whole batch (as the per-sample path's is)."""
+        if self.loss_reduction == "mean" and passes > 1:
+            return p.grad / passes
+        return p.grad
+
+    def _records(self, module: nn.Module, p: torch.Tensor, inv_scale: dict[torch.device, torch.Tensor] | None,
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(input, output gradient)`` of the passes ``p.grad`` holds; unscaled like the gradients under AMP."""
+        records = self._capture.records_for(module, p)
+        if inv_scale is None:
+            return records
+        return [(x, g.float() * inv_scale[g.device]) for x, g in records]
 
     @staticmethod
     def _count_statistic(state: dict[str, Any], counted: list[tuple[dict[str, Any], torch.Tensor]]) -> bool:
@@ -506,32 +647,31 @@ class MBF(Optimizer):
         return float(n) if self.loss_reduction == "mean" else 1.0
 
     def _batch_statistics(
-        self, backend, p: torch.Tensor, module: nn.Module | None, layout: Layout, f: torch.Tensor, decay: float,
-        records: list[Record], skip: torch.Tensor,
+        self, backend, p: torch.Tensor, module: nn.Module, layout: Layout, f: torch.Tensor, decay: float,
+        records: list[tuple[torch.Tensor, torch.Tensor]], skip: torch.Tensor,
     ) -> torch.Tensor | None:
-        """This step's batch Fisher of ``p``: folded into ``f`` by the backend's kernel (returns None), or
-        returned packed, ``(n_blocks, T)``, where torch ops form it (biases, rare paths)."""
-        if not records:
-            # No per-sample information: the batch gradient stands in for one sample, Fhat_i = g_i g_i^T.
-            g = ref.to_blocks(layout.matrix(p.grad.contiguous()).float(), layout.b)
-            return ref.outer_fisher(g[None])
+        """This step's batch Fisher of ``p`` from its per-sample data: folded into ``f`` by the backend's kernel
+        (returns None), or returned packed, ``(n_blocks, T)``, where torch ops form it (biases, norms, rare
+        paths)."""
+        if isinstance(module, NORM_TYPES):
+            return self._norm_statistics(p, module, records)
         if isinstance(module, CONV_TYPES):
             return self._conv_statistics(backend, p, module, layout, f, decay, records, skip)
         return self._linear_statistics(backend, p, module, layout, f, decay, records, skip)
 
-    def _linear_statistics(self, backend, p, module, layout, f, decay, records: list[Record], skip):
-        xs = [r.input.reshape(-1, module.in_features) for r in records]
-        gs = [r.grad_output.reshape(-1, module.out_features) for r in records]
+    def _linear_statistics(self, backend, p, module, layout, f, decay, records, skip):
+        xs = [x.reshape(-1, module.in_features) for x, _ in records]
+        gs = [g.reshape(-1, module.out_features) for _, g in records]
         x, gout, scale = self._pool(xs, gs)
         if p is module.weight:
             backend.linear_fisher_ema_(f, x, gout, b=layout.b, scale=scale, decay=decay, skip=skip)
             return None
         return gout.float().square().mean(dim=0).mul_(scale * scale)[:, None]  # bias: per-sample scale * gout[m]
 
-    def _conv_statistics(self, backend, p, module, layout, f, decay, records: list[Record], skip):
+    def _conv_statistics(self, backend, p, module, layout, f, decay, records, skip):
         d = len(module.kernel_size)
-        xs = [r.input if r.input.dim() == d + 2 else r.input.unsqueeze(0) for r in records]
-        gs = [r.grad_output if r.grad_output.dim() == d + 2 else r.grad_output.unsqueeze(0) for r in records]
+        xs = [x if x.dim() == d + 2 else x.unsqueeze(0) for x, _ in records]
+        gs = [g if g.dim() == d + 2 else g.unsqueeze(0) for _, g in records]
         if len({x.shape[1:] for x in xs}) > 1:  # records of different spatial sizes: pool the Fhats
             n_total = sum(x.shape[0] for x in xs)
             return sum(x.shape[0] * self._conv_fhat(p, module, x, g, self._sample_scale(x.shape[0]))
@@ -550,6 +690,36 @@ class MBF(Optimizer):
             return ref.conv_fisher(_conv_geometry(module).patches(x), gout, module.groups, scale)
         per_sample = gout.float().flatten(2).sum(dim=2).mul_(scale)  # (N, C_out)
         return per_sample.square().mean(dim=0)[:, None]
+
+    def _norm_statistics(self, p, module, records) -> torch.Tensor:
+        """Exact per-sample gradients of a norm layer's scale (output gradient times the normalised input)
+        and shift (output gradient), summed over each sample's positions; ``Fhat = mean_n g_n^2``."""
+        squares, n_total = [], 0
+        for x, g in records:
+            dtype = torch.promote_types(g.dtype, torch.float32)
+            if isinstance(module, nn.LayerNorm):
+                if x.dim() == len(module.normalized_shape):  # one unbatched sample
+                    x, g = x[None], g[None]
+                per_sample = g.to(dtype)
+                if p is module.weight:
+                    xhat = tnf.layer_norm(x.to(dtype), module.normalized_shape, eps=module.eps)
+                    per_sample = per_sample * xhat
+                per_sample = per_sample.reshape(x.shape[0], -1, p.numel()).sum(dim=1)
+            else:  # channels in dim 1 (GroupNorm, BatchNorm; BatchNorm normalises with the batch's statistics)
+                xs, gs = (x, g) if x.dim() > 1 else (x[None], g[None])
+                per_sample = gs.to(dtype)
+                if p is module.weight:
+                    xf = xs.to(dtype)
+                    if isinstance(module, nn.GroupNorm):
+                        xhat = tnf.group_norm(xf, module.num_groups, eps=module.eps)
+                    else:
+                        xhat = tnf.batch_norm(xf, None, None, training=True, eps=module.eps)
+                    per_sample = per_sample * xhat
+                per_sample = per_sample.reshape(xs.shape[0], xs.shape[1], -1).sum(dim=2)
+            per_sample = per_sample * self._sample_scale(per_sample.shape[0])
+            squares.append(per_sample.square().sum(dim=0))
+            n_total += per_sample.shape[0]
+        return (sum(squares) / n_total)[:, None]
 
     def _pool(self, xs: list[torch.Tensor], gs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Pool the samples of several records (each with its own per-sample scale) into one batch."""
