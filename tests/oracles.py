@@ -26,16 +26,18 @@ def per_sample_grads(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor
 
 
 def fisher(opt: MBF, model: nn.Module, batches: list[tuple], names: list[str] | None = None,
-           ) -> dict[str, torch.Tensor]:
+           layouts_of: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """The packed batch Fisher MBF's statistics should give when each of ``batches`` (``(loss_fn, x, y)``,
-    one mean loss each) is one captured forward/backward: the mean of ``g_n g_n^T`` over all their samples."""
+    one mean loss each) is one captured forward/backward: the mean of ``g_n g_n^T`` over all their samples.
+    ``layouts_of``: the model ``opt`` holds, where ``model`` is a copy of it (e.g. in float64)."""
     psgs = [per_sample_grads(model, fn, x, y) for fn, x, y in batches]
+    held = dict((layouts_of or model).named_parameters())
     out = {}
-    for name, p in model.named_parameters():
+    for name in dict(model.named_parameters()):
         if names is not None and name not in names:
             continue
         g = torch.cat([ps[name] for ps in psgs])
-        lay = opt.layout(p)
+        lay = opt.layout(held[name])
         out[name] = ref.outer_fisher(torch.stack([ref.to_blocks(gn.reshape(lay.rows, lay.cols), lay.b) for gn in g]))
     return out
 
