@@ -8,12 +8,12 @@ pass (``torch._C._current_graph_task_id()``): one record may collect several (``
 Which passes count is decided per parameter, by a pre-hook on the parameter's ``AccumulateGrad`` node
 (the engine runs it once per pass that accumulates into ``.grad``, and never for ``torch.autograd.grad``
 passes that do not reach ``.grad``). It compares ``.grad`` with the snapshot taken at the end of the last
-pass that accumulated into it (object and ``_version``, after every end-of-pass callback, so data
-parallelism's in-place all-reduce is part of the snapshot): if ``.grad`` was set to ``None``, replaced or
-zeroed in place since, the earlier passes' contributions were discarded. The passes still in ``.grad``
-are the parameter's *valid passes*; :meth:`Capture.records_for` sums the output gradients of those
-passes only. At ``step()`` a ``.grad`` that is not the snapshot's object discards them too (the version is
-not compared there: clipping and ``GradScaler.unscale_`` rescale ``.grad`` in place after backward).
+pass that accumulated into it (after every end-of-pass callback, so that DDP's all-reduce and bucket views
+are part of the snapshot): if ``.grad`` was set to ``None``, replaced or zeroed in place since, the
+earlier passes' contributions were discarded (:meth:`_Track.intact`). The passes still in ``.grad`` are
+the parameter's *valid passes*; :meth:`Capture.records_for` sums the output gradients of those passes
+only. At ``step()`` a ``.grad`` that is not the snapshot's tensor discards them too (its version is not
+compared there: clipping and ``GradScaler`` rescale ``.grad`` in place after backward).
 
 Memory stays bounded by one step's activations: records whose graph is gone and that hold no valid pass
 are dropped at the layer's next forward, whoever owns the gradient; a capture whose optimizer is gone, or
@@ -93,14 +93,20 @@ class _Track:
     def __init__(self, param: torch.Tensor, node) -> None:
         self.param, self.node, self.handle = param, node, None
         self.tasks: set[int] = set()
-        self.snap: tuple | None = None  # (weakref to .grad, its _version) at the end of the last pass
+        # (.grad's TensorImpl address, its _version, whether it is a view) at the end of the last pass
+        self.snap: tuple | None = None
         self.last_task = -1
 
     def intact(self, check_version: bool) -> bool:
+        """Whether ``.grad`` is the tensor of the last snapshot (not set to None or replaced), and, with
+        ``check_version``, not modified in place since (zeroed). The address, not the Python object, is
+        compared: gradients set from C++ (DDP's bucket views) get a new Python object at each access. A view's
+        version is shared with its base (DDP's bucket: every parameter's accumulation bumps it), so it is
+        not compared for views."""
         g, snap = self.param.grad, self.snap
-        if g is None or snap is None or snap[0]() is not g:
+        if g is None or snap is None or g._cdata != snap[0]:
             return False
-        return not check_version or g._version == snap[1]
+        return not check_version or snap[2] or g._version == snap[1]
 
 
 class Capture:
@@ -123,6 +129,7 @@ class Capture:
         self._tracks: dict[int, _Track] = {}
         self._touched: dict[int, list[_Track]] = {}  # graph task -> tracks to snapshot at its end
         self._seen: set[int] = set()
+        self._holding: list[_Track] = []  # tracks that may hold passes (cleared after a step)
         self.watch(params)
 
     # ------------------------------------------------------------------ copies and pickles
@@ -138,7 +145,7 @@ class Capture:
         self._module_of = {id(p): (p, m) for p, m in state["module_of"]}
         self._layers = {id(m): (m, ps) for m, ps in state["layers"]}
         self._hook_keys = state["hook_keys"]
-        self._tracks, self._touched, self._seen = {}, {}, set()
+        self._tracks, self._touched, self._seen, self._holding = {}, {}, set(), []
 
     def attach(self, owner: object, params: list[torch.Tensor]) -> None:
         """Make ``owner`` (the optimizer) this capture's user: until it is gone, the hooks record."""
@@ -243,6 +250,8 @@ class Capture:
         t.last_task = task
         if not t.intact(check_version=True):  # .grad was discarded (or replaced) since the last pass
             t.tasks.clear()
+        if not t.tasks:
+            self._holding.append(t)
         t.tasks.add(task)
         touched = self._touched.get(task)
         if touched is None:
@@ -255,7 +264,7 @@ class Capture:
     def _snapshot(self, task: int) -> None:
         for t in self._touched.pop(task, ()):
             g = t.param.grad
-            t.snap = None if g is None else (weakref.ref(g), g._version)
+            t.snap = None if g is None else (g._cdata, g._version, g._is_view())
 
     # ------------------------------------------------------------------ what a step reads
     def passes(self, param: torch.Tensor) -> int:
@@ -299,8 +308,9 @@ class Capture:
     def clear(self) -> None:
         """After a step: the records and passes it consumed are gone."""
         self.records.clear()
-        for t in self._tracks.values():
+        for t in self._holding:
             t.tasks.clear()
+        self._holding.clear()
 
     def remove(self) -> None:
         for module, key in self._hook_keys:

@@ -412,3 +412,36 @@ def test_sparse_embeddings_are_refused_at_construction():
     model = nn.Sequential(nn.Embedding(5, 3, sparse=True), nn.Linear(3, 2))
     with pytest.raises(ValueError, match="sparse"):
         MBF(model)
+
+
+@pytest.mark.parametrize("bucket_view", [False, True])
+def test_ddp_all_reduce_and_bucket_views_keep_the_records(tmp_path, bucket_view):
+    """DDP writes the averaged gradient into .grad in place (or makes .grad a view of its bucket) after
+    accumulation: the passes stay valid, with and without no_sync() accumulation (one process, gloo)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("torch.distributed unavailable or already in use")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for no_sync in (False, True):
+            torch.manual_seed(14)
+            model = mlp(4, 5, 3)
+            ddp = DistributedDataParallel(model, gradient_as_bucket_view=bucket_view)
+            opt = first_stats(model)
+            gen = torch.Generator().manual_seed(0)
+            for _ in range(2):
+                opt.zero_grad()
+                batches = [(torch.randn(4, 4, generator=gen, dtype=DT), torch.randn(4, 3, generator=gen, dtype=DT))
+                           for _ in range(3)]
+                for k, (x, y) in enumerate(batches):
+                    if no_sync and k < 2:
+                        with ddp.no_sync():
+                            mse(ddp(x), y).backward()
+                    else:
+                        mse(ddp(x), y).backward()
+                opt.step()
+            assert_fisher(opt, model, fisher(opt, model, [(mse, x, y) for x, y in batches]))
+    finally:
+        dist.destroy_process_group()
