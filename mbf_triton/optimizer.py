@@ -2,9 +2,10 @@
 
 One ``step()``, for every parameter with a gradient:
 
-1. statistics (every ``stat_every`` steps, and on a parameter's first step): the batch estimate
+1. statistics (on a parameter's first step, then every ``stat_every`` of its own steps): the batch estimate
    ``Fhat_i = (1/N) sum_n g_{n,i} g_{n,i}^T`` of each mini-block from exact per-sample gradients
-   (captured layer inputs and output gradients; :mod:`mbf_triton.capture`), folded into the running
+   (captured layer inputs and output gradients of the backward passes that ``.grad`` holds;
+   :mod:`mbf_triton.capture`), folded into the running
    estimate ``F_i <- stat_decay * F_i + (1 - stat_decay) * Fhat_i`` (``F_1 = Fhat_1``);
 2. direction ``d_i = (F_i + damping * I)^{-1} g_i``;
 3. update: ``p <- p * (1 - lr * weight_decay)``, ``m <- momentum * m + d``, ``p <- p - lr * m``.
@@ -126,18 +127,19 @@ class MBF(Optimizer):
     """Mini-block Fisher optimizer.
 
     Args:
-        model: the module being trained; hooks on its ``nn.Linear`` and ``nn.Conv1d/2d/3d`` layers capture
+        model: the module being trained; hooks on its ``nn.Linear``, ``nn.Conv1d/2d/3d`` and norm layers capture
             the per-sample information the statistics need. Call :meth:`remove_hooks` when done.
-        params: parameters or param-group dicts (default: the trainable parameters of ``model``).
-            Parameters outside ``model``'s supported layers use 1x1 blocks with the batch gradient.
+        params: parameters or param-group dicts (default: the trainable parameters of ``model``); all must be
+            parameters of ``model``. Parameters outside its supported layers use 1x1 blocks with the batch
+            gradient.
         lr: learning rate (>= 0).
         momentum: heavy-ball momentum on the preconditioned direction, in [0, 1).
         damping: ``lambda`` added to every mini-block's diagonal before the solve (> 0).
         stat_decay: exponential decay of the running Fisher estimate, in [0, 1).
         weight_decay: decoupled weight decay (>= 0).
         block_size: fan-in chunk of ``nn.Linear`` mini-blocks (>= 1; ``>= in_features`` is unit-wise).
-        stat_every: update the Fisher statistics every this many steps (>= 1); hooks capture nothing
-            on the other steps.
+        stat_every: update a parameter's Fisher statistics every this many of its own steps (>= 1); layers
+            whose statistics are not due capture nothing.
         loss_reduction: ``"mean"`` if the loss is the mean over the batch (PyTorch's default), ``"sum"``
             if it is the sum: it sets how per-sample gradients are recovered from the batch gradient.
         backend: ``"auto"`` (Triton kernels for CUDA tensors when triton is installed, else torch),

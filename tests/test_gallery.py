@@ -299,7 +299,7 @@ def test_loop_statistics_match_the_oracle(name):
     assert_fisher(opt, model, expected, rtol=2e-2 if name == "bf16_autocast" else 1e-5)
 
 
-TRITON_LOOPS = sorted(set(LOOPS) - {"compile"})
+TRITON_LOOPS = sorted(LOOPS)
 
 
 @pytest.mark.parametrize("name", TRITON_LOOPS)
