@@ -31,7 +31,9 @@ from torch.autograd.graph import get_gradient_edge
 
 from .blocks import CONV_TYPES, LINEAR_TYPES
 
-NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+# normalised over the trailing dims (LayerNorm, RMSNorm), or per channel in dim 1 (GroupNorm, BatchNorm)
+TRAILING_NORM_TYPES = (nn.LayerNorm, nn.RMSNorm)
+NORM_TYPES = TRAILING_NORM_TYPES + (nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 HOOKED_TYPES = CONV_TYPES + LINEAR_TYPES + NORM_TYPES
 
 

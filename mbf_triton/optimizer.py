@@ -33,7 +33,7 @@ from torch.optim import Optimizer
 from . import reference as ref
 from .backends import BACKENDS, get_backend
 from .blocks import CONV_TYPES, Layout, layout_for
-from .capture import NORM_TYPES, Capture
+from .capture import NORM_TYPES, TRAILING_NORM_TYPES, Capture
 
 LOSS_REDUCTIONS = ("mean", "sum")
 _FP32_STATE = ("F", "momentum_buffer")  # kept in fp32 whatever the parameter's dtype
@@ -699,12 +699,16 @@ class MBF(Optimizer):
         squares, n_total = [], 0
         for x, g in records:
             dtype = torch.promote_types(g.dtype, torch.float32)
-            if isinstance(module, nn.LayerNorm):
-                if x.dim() == len(module.normalized_shape):  # one unbatched sample
+            if isinstance(module, TRAILING_NORM_TYPES):
+                shape = list(module.normalized_shape)
+                if x.dim() == len(shape):  # one unbatched sample
                     x, g = x[None], g[None]
                 per_sample = g.to(dtype)
                 if p is module.weight:
-                    xhat = tnf.layer_norm(x.to(dtype), module.normalized_shape, eps=module.eps)
+                    if isinstance(module, nn.LayerNorm):
+                        xhat = tnf.layer_norm(x.to(dtype), shape, eps=module.eps)
+                    else:
+                        xhat = tnf.rms_norm(x.to(dtype), shape, eps=module.eps)
                     per_sample = per_sample * xhat
                 per_sample = per_sample.reshape(x.shape[0], -1, p.numel()).sum(dim=1)
             else:  # channels in dim 1 (GroupNorm, BatchNorm; BatchNorm normalises with the batch's statistics)

@@ -192,17 +192,22 @@ def test_branch_used_every_third_step_gets_statistics():
 
 # ---------------------------------------------------------------- gradient accumulation
 class Tagger(nn.Module):
-    """Embedding (batch-gradient path), LayerNorm (exact per-sample), Linear, GroupNorm."""
+    """Embedding (batch-gradient path), LayerNorm and RMSNorm (exact per-sample), Linear, GroupNorm; with
+    ``(N, T)`` tokens the norms' positions are summed per sample and the Linear's mean-pooled away."""
 
     def __init__(self):
         super().__init__()
         self.emb = nn.Embedding(7, 6)
         self.norm = nn.LayerNorm(6)
+        self.rms = nn.RMSNorm(6, eps=1e-5)
         self.lin = nn.Linear(6, 4)
         self.gn = nn.GroupNorm(2, 4)
 
     def forward(self, tokens):
-        return self.gn(self.lin(self.norm(self.emb(tokens)).tanh()))
+        h = self.rms(self.norm(self.emb(tokens)).tanh())
+        if h.dim() == 3:
+            h = h.mean(dim=1)
+        return self.gn(self.lin(h))
 
 
 def test_gradient_accumulation_equals_the_full_batch_for_every_parameter():
@@ -223,8 +228,19 @@ def test_gradient_accumulation_equals_the_full_batch_for_every_parameter():
     for (name, p), q in zip(full_model.named_parameters(), acc_model.parameters()):
         torch.testing.assert_close(acc_opt.state[q]["F"], full_opt.state[p]["F"], rtol=1e-5, atol=1e-12, msg=name)
     # the norm layers' scales and shifts are exact per-sample statistics
-    names = ["norm.weight", "norm.bias", "lin.weight", "lin.bias", "gn.weight", "gn.bias"]
+    names = ["norm.weight", "norm.bias", "rms.weight", "lin.weight", "lin.bias", "gn.weight", "gn.bias"]
     assert_fisher(full_opt, full_model, fisher(full_opt, full_model, [(mse, tokens, y)], names=names))
+
+
+def test_norm_layers_on_sequences_sum_the_positions_of_each_sample():
+    torch.manual_seed(15)
+    model = Tagger().to(DT)
+    opt = first_stats(model)
+    tokens, y = torch.randint(0, 7, (5, 3)), torch.randn(5, 4, dtype=DT)
+    mse(model(tokens), y).backward()
+    opt.step()
+    names = ["norm.weight", "norm.bias", "rms.weight", "lin.weight", "lin.bias", "gn.weight", "gn.bias"]
+    assert_fisher(opt, model, fisher(opt, model, [(mse, tokens, y)], names=names))
 
 
 def test_batchnorm_statistics_are_per_sample_with_the_batch_normalisation():
