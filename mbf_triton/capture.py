@@ -137,7 +137,7 @@ class Capture:
     # ------------------------------------------------------------------ copies and pickles
     def __getstate__(self) -> dict:
         # records, tracks and the owner stay behind: a copy records nothing until an optimizer attaches it
-        return {"model": self._model(), "wanted": set(), "module_of": list(self._module_of.values()),
+        return {"model": self._model(), "module_of": list(self._module_of.values()),
                 "layers": list(self._layers.values()), "hook_keys": self._hook_keys}
 
     def __setstate__(self, state: dict) -> None:
@@ -191,8 +191,7 @@ class Capture:
     def track(self, params) -> None:
         """Follow which backward passes accumulate into each of ``params``' gradients."""
         for p in params:
-            if p.requires_grad and self._track(p) is None:
-                continue
+            self._track(p)
 
     def _track(self, p: torch.Tensor) -> _Track | None:
         t = self._tracks.get(id(p))

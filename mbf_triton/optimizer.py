@@ -514,6 +514,7 @@ class MBF(Optimizer):
                 if not state or state["F"].device != device or state["momentum_buffer"].device != device:
                     self._prepare_state(entry)
             return plan
+        self._capture.track(p for _, p in active)  # e.g. unfrozen since: count its backward passes from now
         entries = []
         batches: dict[tuple, _Batch] = {}
         for group, p in active:
