@@ -18,7 +18,6 @@ the GPU; the host reads the flag at the next step and settles its counters then.
 from __future__ import annotations
 
 import math
-import numbers
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -26,48 +25,18 @@ from itertools import chain
 from typing import Any
 
 import torch
-import torch.nn.functional as tnf
 from torch import nn
 from torch.optim import Optimizer
 
+from . import hyperparameters as hp
 from . import reference as ref
+from . import statistics as stats
 from .backends import BACKENDS, get_backend
-from .blocks import CONV_TYPES, Layout, layout_for
-from .capture import NORM_TYPES, TRAILING_NORM_TYPES, Capture
+from .blocks import Layout, layout_for
+from .capture import Capture
 
 LOSS_REDUCTIONS = ("mean", "sum")
 _FP32_STATE = ("F", "momentum_buffer")  # kept in fp32 whatever the parameter's dtype
-_HYPERPARAMETERS = ("lr", "momentum", "damping", "stat_decay", "weight_decay", "block_size")
-# keys a param group may carry besides the hyperparameters: torch.optim's names, lr schedulers' initial_lr
-_GROUP_KEYS = frozenset(_HYPERPARAMETERS) | {"params", "param_names", "name", "initial_lr"}
-
-
-
-def _check_number(name: str, value: Any, low: float, high: float, low_open: bool, high_open: bool) -> None:
-    allowed = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} must be a finite number in {allowed}")
-    lo_ok = value > low if low_open else value >= low
-    hi_ok = value < high if high_open else value <= high
-    if not (lo_ok and hi_ok):
-        raise ValueError(f"{name}={value!r} must be a finite number in {allowed}")
-
-
-def _check_group(group: dict[str, Any]) -> None:
-    """All per-group hyperparameters are validated here and nowhere else."""
-    lr = group["lr"]
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"lr must be a number or a one-element tensor, got shape {tuple(lr.shape)}")
-        lr = lr.item()
-    _check_number("lr", lr, 0.0, math.inf, False, True)
-    _check_number("momentum", group["momentum"], 0.0, 1.0, False, True)
-    _check_number("damping", group["damping"], 0.0, math.inf, True, True)
-    _check_number("stat_decay", group["stat_decay"], 0.0, 1.0, False, True)
-    _check_number("weight_decay", group["weight_decay"], 0.0, math.inf, False, True)
-    bs = group["block_size"]
-    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
-        raise ValueError(f"block_size={bs!r} must be an integer >= 1")
 
 
 @dataclass
@@ -202,36 +171,18 @@ class MBF(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if isinstance(param_group, dict):
-            unknown = sorted(str(k) for k in set(param_group) - _GROUP_KEYS - set(self.defaults))
-            if unknown:
-                raise ValueError(f"unknown param group keys {unknown}; MBF's are {sorted(_GROUP_KEYS)}")
+            hp.check_group_keys(param_group, self.defaults)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _check_group(group)
-        self._check_params(group["params"], len(self.param_groups) - 1)
+        hp.check_group(group)
+        model = self._constructing if hasattr(self, "_constructing") else self._capture._model()
+        if model is not None:
+            hp.check_params(group["params"], model, len(self.param_groups) - 1)
         self._plan_cache = None
         if hasattr(self, "_capture"):  # a group added after construction: hook its layers too
             self._capture.watch(group["params"])
             self._capture.attach(self, group["params"])
             self._sync_capture()
-
-    def _check_params(self, params: list[torch.Tensor], index: int) -> None:
-        """Parameters must belong to ``model``; sparse gradients are not supported."""
-        model = self._constructing if hasattr(self, "_constructing") else self._capture._model()
-        if model is None:
-            return
-        own = {id(p) for p in model.parameters()}
-        foreign = [f"#{i} (shape {tuple(p.shape)})" for i, p in enumerate(params) if id(p) not in own]
-        if foreign:
-            raise ValueError(f"param group {index}: parameters {', '.join(foreign)} are not parameters of "
-                             "model (MBF hooks the model that owns them: pass a model that holds them all)")
-        sparse = {id(m.weight) for m in model.modules()
-                  if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse}
-        sparse = [f"#{i} (shape {tuple(p.shape)})" for i, p in enumerate(params) if id(p) in sparse]
-        if sparse:
-            raise ValueError(f"param group {index}: parameters {', '.join(sparse)} would get sparse gradients "
-                             "(nn.Embedding/EmbeddingBag with sparse=True), which MBF does not support; "
-                             "use sparse=False")
 
     # ------------------------------------------------------------------ copies and pickles
     def __getstate__(self) -> dict[str, Any]:
@@ -275,7 +226,7 @@ class MBF(Optimizer):
         super().load_state_dict({**state_dict, "state": saved_state})
         self._plan_cache = None
         for group in self.param_groups:
-            _check_group(group)
+            hp.check_group(group)
         ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for pid, p in zip(ids, params):
@@ -404,11 +355,10 @@ class MBF(Optimizer):
 
     def _check_changed_groups(self) -> None:
         """Validate the groups' hyperparameters when they changed since the last check (a tuple compare)."""
-        key = tuple(tuple(id(v) if isinstance(v := g[k], torch.Tensor) else v for k in _HYPERPARAMETERS)
-                    for g in self.param_groups)
+        key = hp.groups_key(self.param_groups)
         if key != self._checked:
             for group in self.param_groups:
-                _check_group(group)
+                hp.check_group(group)
             self._checked = key
 
     def _sync_capture(self) -> None:
@@ -583,26 +533,17 @@ class MBF(Optimizer):
                                                       skip[p.device]))
             else:
                 d.grad_fs.append(state["F"])
-                d.grads.append(self._mean_gradient(p, passes))
+                d.grads.append(stats.mean_gradient(p.grad, passes, self.loss_reduction))
             d.states.append(state)
             return False
         if not records:
-            fhat = ref.outer_fisher(ref.to_blocks(layout.matrix(self._mean_gradient(p, passes).contiguous()).float(),
-                                                  layout.b)[None])
+            g = stats.mean_gradient(p.grad, passes, self.loss_reduction).contiguous()
+            fhat = ref.outer_fisher(ref.to_blocks(layout.matrix(g).float(), layout.b)[None])
         else:
             fhat = self._batch_statistics(entry.backend, p, module, layout, state["F"], decay, records, skip[p.device])
         if fhat is not None:  # formed by torch ops: no kernel folded it in
             ref.fisher_ema_(state["F"], fhat, decay, skip[p.device])
         return self._count_statistic(state, counted)
-
-    def _mean_gradient(self, p: torch.Tensor, passes: int) -> torch.Tensor:
-        """The batch gradient that stands in for one sample where no per-sample data exists, ``Fhat = g g^T``.
-        With a mean loss, ``K`` backward passes accumulated into ``.grad`` (gradient accumulation: one mean
-        loss per micro-batch) hold ``K`` times the mean gradient of all their samples: it is divided by ``K``,
-        so that ``Fhat`` is the same as for one pass over the whole batch (as the per-sample path's is)."""
-        if self.loss_reduction == "mean" and passes > 1:
-            return p.grad / passes
-        return p.grad
 
     def _records(self, module: nn.Module, p: torch.Tensor, inv_scale: dict[torch.device, torch.Tensor] | None,
                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -645,107 +586,7 @@ class MBF(Optimizer):
             p.data.copy_(work)
 
     # ------------------------------------------------------------------ statistics
-    def _sample_scale(self, n: int) -> float:
-        """Factor turning the captured gradient of the reduced loss into a per-sample gradient."""
-        return float(n) if self.loss_reduction == "mean" else 1.0
-
-    def _batch_statistics(
-        self, backend, p: torch.Tensor, module: nn.Module, layout: Layout, f: torch.Tensor, decay: float,
-        records: list[tuple[torch.Tensor, torch.Tensor]], skip: torch.Tensor,
-    ) -> torch.Tensor | None:
-        """This step's batch Fisher of ``p`` from its per-sample data: folded into ``f`` by the backend's kernel
-        (returns None), or returned packed, ``(n_blocks, T)``, where torch ops form it (biases, norms, rare
-        paths)."""
-        if isinstance(module, NORM_TYPES):
-            return self._norm_statistics(p, module, records)
-        if isinstance(module, CONV_TYPES):
-            return self._conv_statistics(backend, p, module, layout, f, decay, records, skip)
-        return self._linear_statistics(backend, p, module, layout, f, decay, records, skip)
-
-    def _linear_statistics(self, backend, p, module, layout, f, decay, records, skip):
-        xs = [x.reshape(-1, module.in_features) for x, _ in records]
-        gs = [g.reshape(-1, module.out_features) for _, g in records]
-        x, gout, scale = self._pool(xs, gs)
-        if p is module.weight:
-            backend.linear_fisher_ema_(f, x, gout, b=layout.b, scale=scale, decay=decay, skip=skip)
-            return None
-        return gout.float().square().mean(dim=0).mul_(scale * scale)[:, None]  # bias: per-sample scale * gout[m]
-
-    def _conv_statistics(self, backend, p, module, layout, f, decay, records, skip):
-        d = len(module.kernel_size)
-        xs = [x if x.dim() == d + 2 else x.unsqueeze(0) for x, _ in records]
-        gs = [g if g.dim() == d + 2 else g.unsqueeze(0) for _, g in records]
-        if len({x.shape[1:] for x in xs}) > 1:  # records of different spatial sizes: pool the Fhats
-            n_total = sum(x.shape[0] for x in xs)
-            return sum(x.shape[0] * self._conv_fhat(p, module, x, g, self._sample_scale(x.shape[0]))
-                       for x, g in zip(xs, gs)) / n_total
-        x, gout, scale = self._pool(xs, gs)
-        if p is module.weight:
-            backend.conv_fisher_ema_(f, x, gout, geometry=_conv_geometry(module), groups=module.groups,
-                                     scale=scale, decay=decay, skip=skip)
-            return None
-        return self._conv_fhat(p, module, x, gout, scale)
-
-    @staticmethod
-    def _conv_fhat(p, module, x, gout, scale: float) -> torch.Tensor:
-        """Reference batch Fisher of a conv weight or bias (rare paths: bias, mixed spatial sizes)."""
-        if p is module.weight:
-            return ref.conv_fisher(_conv_geometry(module).patches(x), gout, module.groups, scale)
-        per_sample = gout.float().flatten(2).sum(dim=2).mul_(scale)  # (N, C_out)
-        return per_sample.square().mean(dim=0)[:, None]
-
-    def _norm_statistics(self, p, module, records) -> torch.Tensor:
-        """Exact per-sample gradients of a norm layer's scale (output gradient times the normalised input)
-        and shift (output gradient), summed over each sample's positions; ``Fhat = mean_n g_n^2``."""
-        squares, n_total = [], 0
-        for x, g in records:
-            dtype = torch.promote_types(g.dtype, torch.float32)
-            if isinstance(module, TRAILING_NORM_TYPES):
-                shape = list(module.normalized_shape)
-                if x.dim() == len(shape):  # one unbatched sample
-                    x, g = x[None], g[None]
-                per_sample = g.to(dtype)
-                if p is module.weight:
-                    if isinstance(module, nn.LayerNorm):
-                        xhat = tnf.layer_norm(x.to(dtype), shape, eps=module.eps)
-                    else:
-                        xhat = tnf.rms_norm(x.to(dtype), shape, eps=module.eps)
-                    per_sample = per_sample * xhat
-                per_sample = per_sample.reshape(x.shape[0], -1, p.numel()).sum(dim=1)
-            else:  # channels in dim 1 (GroupNorm, BatchNorm; BatchNorm normalises with the batch's statistics)
-                xs, gs = (x, g) if x.dim() > 1 else (x[None], g[None])
-                per_sample = gs.to(dtype)
-                if p is module.weight:
-                    xf = xs.to(dtype)
-                    if isinstance(module, nn.GroupNorm):
-                        xhat = tnf.group_norm(xf, module.num_groups, eps=module.eps)
-                    else:
-                        xhat = tnf.batch_norm(xf, None, None, training=True, eps=module.eps)
-                    per_sample = per_sample * xhat
-                per_sample = per_sample.reshape(xs.shape[0], xs.shape[1], -1).sum(dim=2)
-            per_sample = per_sample * self._sample_scale(per_sample.shape[0])
-            squares.append(per_sample.square().sum(dim=0))
-            n_total += per_sample.shape[0]
-        return (sum(squares) / n_total)[:, None]
-
-    def _pool(self, xs: list[torch.Tensor], gs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Pool the samples of several records (each with its own per-sample scale) into one batch."""
-        if len(xs) == 1:
-            return xs[0], gs[0], self._sample_scale(xs[0].shape[0])
-        gs = [g * self._sample_scale(g.shape[0]) for g in gs]
-        return torch.cat(xs), torch.cat(gs), 1.0
-
-
-def _conv_padding(module: nn.Module) -> tuple[tuple[int, int], ...]:
-    k, dil = module.kernel_size, module.dilation
-    if isinstance(module.padding, str):
-        if module.padding == "valid":
-            return tuple((0, 0) for _ in k)
-        total = [di * (ki - 1) for ki, di in zip(k, dil)]  # "same"
-        return tuple((t // 2, t - t // 2) for t in total)
-    return tuple((pi, pi) for pi in module.padding)
-
-
-def _conv_geometry(module: nn.Module) -> ref.ConvGeometry:
-    return ref.ConvGeometry(tuple(module.kernel_size), tuple(module.stride), _conv_padding(module),
-                            tuple(module.dilation), module.padding_mode)
+    def _batch_statistics(self, backend, p: torch.Tensor, module: nn.Module, layout: Layout, f: torch.Tensor,
+                          decay: float, records: list[tuple[torch.Tensor, torch.Tensor]], skip: torch.Tensor,
+                          ) -> torch.Tensor | None:
+        return stats.batch_statistics(backend, p, module, layout, f, decay, records, skip, self.loss_reduction)

@@ -25,6 +25,8 @@ LAYERS = {
     "mbf_triton.reference": 2,
     "mbf_triton.backends": 2,
     "mbf_triton.capture": 3,
+    "mbf_triton.hyperparameters": 0,
+    "mbf_triton.statistics": 3,
     "mbf_triton.optimizer": 3,
     "mbf_triton.experiments": 4,
     "mbf_triton.cli": 4,
