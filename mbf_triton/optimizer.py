@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from . import distributed
 from . import reference as ref
 from .backends import BACKENDS, get_backend
 from .blocks import CONV_TYPES, Layout, layout_for
@@ -137,6 +138,14 @@ class MBF(Optimizer):
             if it is the sum: it sets how per-sample gradients are recovered from the batch gradient.
         backend: ``"auto"`` (Triton kernels for CUDA tensors when triton is installed, else torch),
             ``"torch"`` (the reference path, any device) or ``"triton"``.
+        process_group: data parallelism (:mod:`mbf_triton.distributed`). ``"auto"``: the group of a
+            ``DistributedDataParallel`` ``model``, of FSDP2's sharded parameters, else the default group when
+            torch.distributed is initialised with several ranks; ``None``: one process, no communication.
+            The statistics are averaged across the group on statistics steps, so every rank holds the same
+            curvature as one process training on the ranks' pooled batch.
+        shard_curvature: under DDP, each rank keeps the curvature and momentum of a contiguous 1/world slice
+            of the mini-blocks, updates only those, and the parameters are all-gathered (ZeRO-style).
+            FSDP2 always shards them like its parameters.
     """
 
     def __init__(
@@ -153,6 +162,8 @@ class MBF(Optimizer):
         stat_every: int = 10,
         loss_reduction: str = "mean",
         backend: str = "auto",
+        process_group: Any = "auto",
+        shard_curvature: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -172,6 +183,12 @@ class MBF(Optimizer):
         self.stat_every = stat_every
         self.loss_reduction = loss_reduction
         self.backend = backend
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        # None in one process; else the group, the mode and which mini-blocks this rank owns
+        self._dp = distributed.resolve(model, all_params, process_group, bool(shard_curvature))
+        if shard_curvature and (self._dp is None or self._dp.mode != "sharded"):
+            raise ValueError("shard_curvature=True needs DDP (or an initialised process group of several ranks); "
+                             "FSDP2 shards the curvature by itself")
         self._capture = Capture(model, params=[p for g in self.param_groups for p in g["params"]])
         # the hooks hold the capture, not the optimizer: an optimizer that is dropped takes its hooks along
         self._finalizer = weakref.finalize(self, self._capture.remove)
@@ -286,7 +303,9 @@ class MBF(Optimizer):
                 return loss
             # Non-finite gradients skip the whole step on the device: every kernel and reference op that
             # writes state reads this flag, so the host does not wait for the check.
-            skip = self._nonfinite_flags([p.grad for _, p in active])
+            skip = self._nonfinite_flags([distributed.local(p.grad) for _, p in active])
+            if self._dp is not None:  # the same decision on every rank
+                skip = {device: self._dp.agree(flag) for device, flag in skip.items()}
             stat_step = self._counters["calls"] % self.stat_every == 0
             # everything that can fail is resolved before the first parameter changes: no partial steps
             plan = self._plan(active)
@@ -296,14 +315,23 @@ class MBF(Optimizer):
             first = False
             try:
                 diag: dict[tuple, _DiagBatch] = {}  # (device, decay) -> the 1x1-block statistics done together
-                for entry in plan.entries:
-                    first |= self._statistics(entry, stat_step, diag, skip, counted)
+                jobs = [(entry, *job) for entry in plan.entries
+                        if (job := self._statistics_job(entry, stat_step)) is not None]
+                exchange = self._exchange(jobs)  # data parallel: where the per-sample statistics go
+                for entry, records, decay in jobs:
+                    first |= self._statistics(entry, records, decay, diag, skip, counted, exchange)
+                if exchange is not None:
+                    exchange.start()  # async: the local 1x1 statistics below overlap it
                 for (device, decay), d in diag.items():
                     ref.diag_fisher_ema_(d.grad_fs + d.fhat_fs, d.grads, decay, skip[device], fhats=d.fhats)
                     for state in d.states:
                         first |= self._count_statistic(state, counted)
+                if exchange is not None:
+                    exchange.finish(skip[exchange.bucket.device])
                 for batch in plan.batches:
                     self._apply(batch, lrs[id(batch.group)], skip[batch.members[0].param.device])
+                if self._dp is not None:
+                    self._dp.gather_parameters([(e.param, e.layout) for e in plan.entries])
             except BaseException:
                 # Statistics counted before the error were not folded in if the step was skipped: settle
                 # them now (a wait on the error path only). The call counts as no step either way.
@@ -393,7 +421,7 @@ class MBF(Optimizer):
         then a few dictionary reads: the optimizer's host time matters on launch-bound models)."""
         # the groups are held by the plan, so their ids in the key cannot be reused while it lives
         key = (self.backend, tuple(g["block_size"] for g in self.param_groups),
-               tuple((id(g), id(p), p.data_ptr(), p.dtype, p.shape, p.stride()) for g, p in active))
+               tuple((id(g), id(p), distributed.local(p).data_ptr(), p.dtype, p.shape, p.stride()) for g, p in active))
         plan = self._plan_cache
         if plan is not None and plan.key == key:
             for entry in plan.entries:  # state reset by the caller, or a checkpoint loaded on another device
@@ -401,6 +429,9 @@ class MBF(Optimizer):
                 if not state or state["F"].device != device or state["momentum_buffer"].device != device:
                     self._prepare_state(entry)
             return plan
+        if self._dp is not None:  # which rows of every parameter each rank owns (all of them, not only active)
+            self._dp.assign([(p, layout_for(p, self._capture.module_of(p), g["block_size"]))
+                             for g in self.param_groups for p in g["params"] if p.numel() > 0])
         entries = []
         batches: dict[tuple, _Batch] = {}
         for group, p in active:
@@ -418,38 +449,63 @@ class MBF(Optimizer):
         """The state of ``entry``'s parameter, created or moved to its device, and checked."""
         p, layout = entry.param, entry.layout
         state = self.state[p]
+        # data parallel with sharded curvature: F and the momentum of the rows this rank owns
+        n_rows = layout.rows if self._dp is None else self._dp.owned_rows(p, layout)
         if not state:
-            state["F"] = torch.zeros(layout.n_blocks, layout.tri, dtype=torch.float32, device=p.device)
-            state["momentum_buffer"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            state["F"] = torch.zeros(n_rows * layout.n_chunks, layout.tri, dtype=torch.float32, device=p.device)
+            shape = p.shape if n_rows == layout.rows else (n_rows, layout.cols)
+            state["momentum_buffer"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
             state["stat_steps"] = 0
         for key in _FP32_STATE:  # e.g. a checkpoint loaded before model.cuda()
             if state[key].device != p.device:
                 state[key] = state[key].to(p.device)
-        if state["F"].shape != (layout.n_blocks, layout.tri):
+        if state["F"].shape != (n_rows * layout.n_chunks, layout.tri):
             raise ValueError(
                 f"curvature state of shape {tuple(state['F'].shape)} does not match the parameter's mini-block "
                 f"layout {layout} (was block_size changed after the first step?)"
             )
 
-    def _statistics(self, entry: _Entry, stat_step: bool, diag: dict[tuple, _DiagBatch],
-                    skip: dict[torch.device, torch.Tensor], counted: list[tuple[dict[str, Any], torch.Tensor]],
-                    ) -> bool:
-        """Fold this step's batch Fisher into ``F`` when the schedule (or a first step) asks for it.
-        1x1-block statistics formed by torch ops (norm scales, biases) are collected in ``diag`` (done
-        together); the states whose ``stat_steps`` this counts go to ``counted``. True if this is ``F``'s
-        first statistic."""
-        p, module, layout = entry.param, entry.module, entry.layout
+    def _statistics_job(self, entry: _Entry, stat_step: bool) -> tuple[list[Record], float] | None:
+        """Whether this step folds a batch Fisher into ``entry``'s ``F`` (the schedule, or a first step): None,
+        or the captured records and the decay to use."""
+        p, module = entry.param, entry.module
         state = self.state[p]
         if not (stat_step or state["stat_steps"] == 0):
-            return False
+            return None
         records = self._capture.complete_records(module) if module is not None else []
         if state["stat_steps"] == 0 and not stat_step and module is not None and not records:
             # First gradient of a layer off the statistics schedule (added, unfrozen, or unused so far): no
             # per-sample data was captured. Step with F = 0 (damping only) and capture for the next step
             # rather than starting F from the batch gradient, which is ~N times too small.
             self._pending_capture = True
-            return False
-        decay = entry.group["stat_decay"] if state["stat_steps"] > 0 else 0.0
+            return None
+        return records, entry.group["stat_decay"] if state["stat_steps"] > 0 else 0.0
+
+    def _exchange(self, jobs: list[tuple[_Entry, list[Record], float]]) -> distributed.Exchange | None:
+        """Data parallel: the bucket that this step's per-sample statistics are written to and averaged in."""
+        shared = [(e.param, e.layout, self.state[e.param]["F"], decay) for e, records, decay in jobs if records]
+        if self._dp is None or not shared:
+            return None
+        devices = {p.device for p, *_ in shared}
+        if len(devices) > 1:
+            raise ValueError(f"data-parallel MBF needs every parameter on one device, got {sorted(map(str, devices))}")
+        return self._dp.exchange(shared, devices.pop())
+
+    def _statistics(self, entry: _Entry, records: list[Record], decay: float, diag: dict[tuple, _DiagBatch],
+                    skip: dict[torch.device, torch.Tensor], counted: list[tuple[dict[str, Any], torch.Tensor]],
+                    exchange: distributed.Exchange | None = None) -> bool:
+        """Fold this step's batch Fisher into ``F`` (or, data parallel, write the local one to ``exchange``,
+        which averages and folds it). 1x1-block statistics formed by torch ops (norm scales, biases) are
+        collected in ``diag`` (done together); the states whose ``stat_steps`` this counts go to
+        ``counted``. True if this is ``F``'s first statistic."""
+        p, module, layout = entry.param, entry.module, entry.layout
+        state = self.state[p]
+        if exchange is not None and records:
+            slot = exchange.slot(p)  # NaN-filled: what no statistic reaches stays non-finite
+            fhat = self._batch_statistics(entry.backend, p, module, layout, slot, 0.0, records, skip[p.device])
+            if fhat is not None:
+                slot.copy_(fhat)
+            return self._count_statistic(state, counted)
         if layout.b == 1 and not (records and p is module.weight):
             # 1x1 blocks whose statistic torch ops form (norm scales, biases): folded together with the others
             # of this device and decay; the caller counts them
@@ -460,13 +516,22 @@ class MBF(Optimizer):
                                                       skip[p.device]))
             else:
                 d.grad_fs.append(state["F"])
-                d.grads.append(p.grad)
+                d.grads.append(self._owned(entry, p.grad))
             d.states.append(state)
             return False
-        fhat = self._batch_statistics(entry.backend, p, module, layout, state["F"], decay, records, skip[p.device])
+        fhat = self._batch_statistics(entry.backend, p, module, layout, state["F"], decay, records, skip[p.device],
+                                      grad=self._owned(entry, p.grad) if not records else None)
         if fhat is not None:  # formed by torch ops: no kernel folded it in
             ref.fisher_ema_(state["F"], fhat, decay, skip[p.device])
         return self._count_statistic(state, counted)
+
+    def _owned(self, entry: _Entry, t: torch.Tensor) -> torch.Tensor:
+        """The rows of ``t`` (``entry``'s parameter data or gradient) whose curvature this rank keeps, as a
+        ``(rows, cols)`` view of contiguous storage (all rows in one process)."""
+        t = distributed.local(t)
+        if not t.is_contiguous():
+            t = t.contiguous()
+        return entry.layout.matrix(t) if self._dp is None else self._dp.owned(t, entry.param, entry.layout)
 
     @staticmethod
     def _count_statistic(state: dict[str, Any], counted: list[tuple[dict[str, Any], torch.Tensor]]) -> bool:
@@ -482,15 +547,19 @@ class MBF(Optimizer):
         for entry in batch.members:
             p, layout = entry.param, entry.layout
             state = self.state[p]
+            if state["F"].shape[0] == 0:  # sharded curvature: none of its rows is this rank's
+                continue
             buf = state["momentum_buffer"]
             if entry.momentum_view is None or entry.momentum_view[0] is not buf:
-                entry.momentum_view = (buf, layout.matrix(buf))
-            data = p.data  # a new tensor object at every access: read it once
+                entry.momentum_view = (buf, buf.view(-1, layout.cols))
+            data = distributed.local(p.data)  # a new tensor object at every access: read it once
             if not data.is_contiguous():  # updated through a contiguous copy, written back below
                 data = data.contiguous()
                 copies.append((p, data))
-            grad = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
-            items.append((state["F"], layout.matrix(grad), layout.matrix(data), entry.momentum_view[1]))
+            grad = self._owned(entry, p.grad)
+            items.append((state["F"], grad, self._owned(entry, data), entry.momentum_view[1]))
+        if not items:
+            return
         group = batch.group
         batch.backend.block_update_group_(
             items, self._fallback_counter(batch.members[0].param.device)[0], b=batch.b,
@@ -498,7 +567,7 @@ class MBF(Optimizer):
             skip=skip,
         )
         for p, work in copies:
-            p.data.copy_(work)
+            distributed.local(p.data).copy_(work)
 
     # ------------------------------------------------------------------ statistics
     def _sample_scale(self, n: int) -> float:
@@ -507,13 +576,14 @@ class MBF(Optimizer):
 
     def _batch_statistics(
         self, backend, p: torch.Tensor, module: nn.Module | None, layout: Layout, f: torch.Tensor, decay: float,
-        records: list[Record], skip: torch.Tensor,
+        records: list[Record], skip: torch.Tensor, grad: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """This step's batch Fisher of ``p``: folded into ``f`` by the backend's kernel (returns None), or
-        returned packed, ``(n_blocks, T)``, where torch ops form it (biases, rare paths)."""
+        returned packed, ``(n_blocks, T)``, where torch ops form it (biases, rare paths). ``grad``: the
+        ``(rows, cols)`` gradient rows whose statistic is wanted when there are no ``records``."""
         if not records:
             # No per-sample information: the batch gradient stands in for one sample, Fhat_i = g_i g_i^T.
-            g = ref.to_blocks(layout.matrix(p.grad.contiguous()).float(), layout.b)
+            g = ref.to_blocks(grad.float(), layout.b)
             return ref.outer_fisher(g[None])
         if isinstance(module, CONV_TYPES):
             return self._conv_statistics(backend, p, module, layout, f, decay, records, skip)
