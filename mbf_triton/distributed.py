@@ -106,6 +106,30 @@ def resolve(model: nn.Module, params: list[torch.Tensor], process_group: Any, sh
     return DataParallel(process_group, mode)
 
 
+def contiguous_slices(layouts: list[Layout], world: int) -> list[list[tuple[int, int]]]:
+    """Sharded curvature: the rows ``[lo, hi)`` of each layout that each rank owns, cutting the rows of all
+    layouts, in order, into ``world`` contiguous slices of about equal curvature size (a row, and hence a
+    mini-block, is never split; a row goes to the rank whose slice holds its first curvature entry)."""
+    total = sum(layout.curvature_numel for layout in layouts)
+    offset = 0
+    out = []
+    for layout in layouts:
+        per_row = layout.n_chunks * layout.tri
+        bounds = [0] + [min(layout.rows, max(0, -(-(r * total - world * offset) // (world * per_row))))
+                        for r in range(1, world)] + [layout.rows]
+        out.append([(bounds[r], bounds[r + 1]) for r in range(world)])
+        offset += layout.curvature_numel
+    return out
+
+
+def dim0_slices(d0: int, layout: Layout, world: int) -> list[tuple[int, int]]:
+    """FSDP2: the rows of ``layout`` in each rank's dim-0 shard of a parameter with ``d0`` rows on dim 0
+    (``torch.chunk`` semantics: chunks of ``ceil(d0 / world)``, the last ones shorter or empty)."""
+    per_index = layout.rows // d0  # matrix rows per dim-0 index
+    chunk = -(-d0 // world)
+    return [(min(r * chunk, d0) * per_index, min((r + 1) * chunk, d0) * per_index) for r in range(world)]
+
+
 @dataclass
 class _Spec:
     """One parameter's statistic in the bucket: its owned ``F`` and decay, per rank the owned rows and
@@ -207,15 +231,8 @@ class DataParallel:
         equal curvature size. A no-op in the other modes (replicated: all rows; fsdp: the dim-0 shard)."""
         if self.mode != "sharded":
             return
-        total = sum(layout.curvature_numel for _, layout in items)
-        offset = 0
-        self._slices = {}
-        for p, layout in items:
-            per_row = layout.n_chunks * layout.tri
-            bounds = [0] + [min(layout.rows, max(0, -(-(r * total - self.world * offset) // (self.world * per_row))))
-                            for r in range(1, self.world)] + [layout.rows]
-            self._slices[id(p)] = (p, [(bounds[r], bounds[r + 1]) for r in range(self.world)])
-            offset += layout.curvature_numel
+        slices = contiguous_slices([layout for _, layout in items], self.world)
+        self._slices = {id(p): (p, rows) for (p, _), rows in zip(items, slices)}
 
     def rows_all(self, p: torch.Tensor, layout: Layout) -> list[tuple[int, int]]:
         """The rows ``[lo, hi)`` of ``p``'s matrix that each rank owns."""
@@ -226,10 +243,7 @@ class DataParallel:
             if entry is None or entry[0] is not p:
                 raise RuntimeError("sharded curvature: a parameter appeared after the rows were assigned")
             return entry[1]
-        d0 = p.shape[0]
-        per_index = layout.rows // d0  # matrix rows per dim-0 index
-        chunk = -(-d0 // self.world)
-        return [(min(r * chunk, d0) * per_index, min((r + 1) * chunk, d0) * per_index) for r in range(self.world)]
+        return dim0_slices(p.shape[0], layout, self.world)
 
     def rows(self, p: torch.Tensor, layout: Layout) -> tuple[int, int]:
         """The rows of ``p``'s matrix this rank owns."""
@@ -272,36 +286,83 @@ class DataParallel:
         """Sharded mode: every rank gets the rows the others updated; one ``all_gather`` per dtype."""
         if self.mode != "sharded":
             return
-        by_dtype: dict[tuple, list[tuple[torch.Tensor, Layout]]] = {}
+        pieces, copies = [], []
         for p, layout in items:
-            by_dtype.setdefault((p.dtype, p.device), []).append((p, layout))
-        for (dtype, device), group_items in by_dtype.items():
+            data = p.data
+            if not data.is_contiguous():  # e.g. channels_last: gathered into a copy, written back
+                data = data.contiguous()
+                copies.append((p, data))
+            mat = layout.matrix(data)
+            lo, hi = self.rows(p, layout)
+            pieces.append((mat, self.rows_all(p, layout), mat[lo:hi]))
+        self.gather_rows(pieces)
+        for p, data in copies:
+            p.data.copy_(data.view(p.shape))
+
+    def gather_rows(self, items: list[tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor]]) -> None:
+        """All-gather row slices: for each ``(full, rows_all, mine)``, ``full`` (a ``(rows, k)`` matrix)
+        receives every rank's rows ``rows_all[r]``, this rank's coming from ``mine``. One collective per
+        dtype and device (the pieces packed into equal, padded segments)."""
+        by_kind: dict[tuple, list] = {}
+        for item in items:
+            by_kind.setdefault((item[0].dtype, item[0].device), []).append(item)
+        for (dtype, device), group_items in by_kind.items():
             sizes = [0] * self.world
-            placed = []
-            for p, layout in group_items:
-                data = p.data
-                copied = not data.is_contiguous()  # e.g. channels_last: gathered into a copy, written back
-                if copied:
-                    data = data.contiguous()
-                pieces = []
-                for r, (lo, hi) in enumerate(self.rows_all(p, layout)):
-                    pieces.append((r, lo, hi, sizes[r]))
-                    sizes[r] += (hi - lo) * layout.cols
-                placed.append((p, layout, data, copied, pieces))
+            offsets = []
+            for full, rows_all, _ in group_items:
+                k = full.shape[1]
+                offsets.append([sizes[r] for r in range(self.world)])
+                for r, (lo, hi) in enumerate(rows_all):
+                    sizes[r] += (hi - lo) * k
             length = max(sizes)
             if length == 0:
                 continue
             send = torch.empty(length, dtype=dtype, device=device)
-            for p, layout, data, _, pieces in placed:
-                _, lo, hi, off = pieces[self.rank]
-                send[off:off + (hi - lo) * layout.cols].copy_(layout.matrix(data)[lo:hi].reshape(-1))
+            for (full, rows_all, mine), offs in zip(group_items, offsets):
+                lo, hi = rows_all[self.rank]
+                send[offs[self.rank]:offs[self.rank] + (hi - lo) * full.shape[1]].copy_(mine.reshape(-1))
             recv = torch.empty(self.world * length, dtype=dtype, device=device)
             _all_gather(recv, send, self.group)
-            for p, layout, data, copied, pieces in placed:
-                mat = layout.matrix(data)
-                for r, lo, hi, off in pieces:
-                    if r != self.rank and hi > lo:
-                        start = r * length + off
-                        mat[lo:hi].copy_(recv[start:start + (hi - lo) * layout.cols].view(hi - lo, layout.cols))
-                if copied:
-                    p.data.copy_(data.view(p.shape))
+            for (full, rows_all, _), offs in zip(group_items, offsets):
+                k = full.shape[1]
+                for r, (lo, hi) in enumerate(rows_all):
+                    if hi > lo:
+                        start = r * length + offs[r]
+                        full[lo:hi].copy_(recv[start:start + (hi - lo) * k].view(hi - lo, k))
+
+    # ------------------------------------------------------------------ checkpoints
+    def full_state(self, entries: list[tuple[torch.Tensor, Layout, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """The states of ``entries`` (``(param, layout, state)``) with the whole ``F`` and momentum, as in one
+        process: gathered from their owners (a collective: every rank calls it); the states as they are when
+        every rank owns every row."""
+        if self.mode == "replicated":
+            return [state for _, _, state in entries]
+        out, items = [], []
+        for p, layout, state in entries:
+            full = dict(state)
+            if "F" in state:
+                f = torch.empty(layout.rows, layout.n_chunks * layout.tri, dtype=torch.float32,
+                                device=state["F"].device)
+                m = torch.empty(layout.rows, layout.cols, dtype=torch.float32, device=f.device)
+                rows_all = self.rows_all(p, layout)
+                items += [(f, rows_all, state["F"]), (m, rows_all, state["momentum_buffer"])]
+                full["F"] = f.view(layout.n_blocks, layout.tri)
+                full["momentum_buffer"] = m.view(p.shape)
+            out.append(full)
+        self.gather_rows(items)
+        return out
+
+    def local_state(self, p: torch.Tensor, layout: Layout, key: str, value: torch.Tensor) -> torch.Tensor:
+        """A loaded ``F`` or momentum: this rank's rows of a whole one (a checkpoint of any mode or of one
+        process); one already of this rank's size is kept."""
+        lo, hi = self.rows(p, layout)
+        if self.mode == "replicated" or (hi - lo) == layout.rows:
+            return value
+        per_row = layout.n_chunks * layout.tri if key == "F" else layout.cols
+        if value.numel() == (hi - lo) * per_row:
+            return value
+        if value.numel() != layout.rows * per_row:
+            raise ValueError(f"checkpoint {key} of shape {tuple(value.shape)} fits neither the whole parameter "
+                             f"{tuple(p.shape)} nor this rank's {hi - lo} rows of it")
+        rows = value.reshape(layout.rows, per_row)[lo:hi]
+        return rows.reshape(-1, layout.tri) if key == "F" else rows.reshape(hi - lo, layout.cols)

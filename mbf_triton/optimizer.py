@@ -212,20 +212,36 @@ class MBF(Optimizer):
             self._capture.watch(self.param_groups[-1]["params"])
 
     def state_dict(self) -> dict[str, Any]:
+        """As torch.optim's, plus the counters. Data parallel: the whole curvature and momentum, as one
+        process would hold them (sharded modes gather them from their owners: every rank must call it);
+        any rank's result loads on every rank, in any mode, and in one process."""
         self._settle()
         sd = super().state_dict()
+        if self._dp is not None:
+            params = [p for g in self.param_groups for p in g["params"]]
+            keys = [k for k in sd["state"]]
+            self._assign_rows()
+            full = self._dp.full_state([(params[k], self.layout(params[k]), sd["state"][k]) for k in keys])
+            sd["state"] = dict(zip(keys, full))
         sd["mbf"] = {
             **self._counters,
             "fallback_blocks": self.fallback_blocks,
             "stat_every": self.stat_every,
             "loss_reduction": self.loss_reduction,
         }
+        if self._dp is not None:  # torch.distributed.checkpoint's get_optimizer_state_dict keeps only the groups
+            sd["param_groups"] = [{**g, "mbf": sd["mbf"]} for g in sd["param_groups"]]
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._settle()  # the counters are exact if the checkpoint carries none
         state_dict = dict(state_dict)
         extra = state_dict.pop("mbf", None)
+        groups = [dict(g) for g in state_dict["param_groups"]]
+        for g in groups:  # the counters also ride in the groups of a data-parallel checkpoint
+            in_group = g.pop("mbf", None)
+            extra = extra if extra is not None else in_group
+        state_dict["param_groups"] = groups
         # torch.optim casts floating state to the parameter's dtype; the curvature and momentum must stay
         # fp32 (bit-exact resume of bf16 models), so they bypass that and only move device.
         saved_state = {pid: dict(s) for pid, s in state_dict["state"].items()}
@@ -236,8 +252,12 @@ class MBF(Optimizer):
             _check_group(group)
         ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
+        if self._dp is not None:
+            self._assign_rows()
         for pid, p in zip(ids, params):
             for k, v in kept.get(pid, {}).items():
+                if self._dp is not None:  # this rank's rows of a whole checkpoint
+                    v = self._dp.local_state(p, self.layout(p), k, v)
                 self.state[p][k] = v.to(device=p.device, dtype=torch.float32)
         if extra is not None:
             step, skipped = int(extra["step"]), int(extra["skipped_steps"])
@@ -365,10 +385,12 @@ class MBF(Optimizer):
         or Inf (max |g| is then NaN or Inf). A few small launches, no host synchronisation."""
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for g in grads:
-            by_device.setdefault(g.device, []).append(g)
+            gs = by_device.setdefault(g.device, [])
+            if g.numel():  # an empty FSDP2 shard has nothing to check (and no infinity norm)
+                gs.append(g)
         # max |g| < inf is false for NaN and Inf (two ops where isfinite takes four)
-        bad = {device: (torch.stack(torch._foreach_norm(gs, math.inf)) < math.inf).all().logical_not()
-               for device, gs in by_device.items()}
+        bad = {device: (torch.stack(torch._foreach_norm(gs, math.inf)) < math.inf).all().logical_not() if gs
+               else torch.zeros((), dtype=torch.bool, device=device) for device, gs in by_device.items()}
         if len(bad) > 1:  # one step on several devices: skipped everywhere or nowhere
             anywhere = [torch.stack([b.to(device) for b in bad.values()]).any() for device in bad]
             bad = dict(zip(bad, anywhere))
@@ -429,9 +451,8 @@ class MBF(Optimizer):
                 if not state or state["F"].device != device or state["momentum_buffer"].device != device:
                     self._prepare_state(entry)
             return plan
-        if self._dp is not None:  # which rows of every parameter each rank owns (all of them, not only active)
-            self._dp.assign([(p, layout_for(p, self._capture.module_of(p), g["block_size"]))
-                             for g in self.param_groups for p in g["params"] if p.numel() > 0])
+        if self._dp is not None:
+            self._assign_rows()
         entries = []
         batches: dict[tuple, _Batch] = {}
         for group, p in active:
@@ -444,6 +465,11 @@ class MBF(Optimizer):
             batches.setdefault(bkey, _Batch(entry.backend, group, layout.b, [])).members.append(entry)
         self._plan_cache = _Plan(key, entries, list(batches.values()))
         return self._plan_cache
+
+    def _assign_rows(self) -> None:
+        """Data parallel: which rows of every parameter each rank owns (all parameters, with a gradient or not)."""
+        self._dp.assign([(p, layout_for(p, self._capture.module_of(p), g["block_size"]))
+                         for g in self.param_groups for p in g["params"] if p.numel() > 0])
 
     def _prepare_state(self, entry: _Entry) -> None:
         """The state of ``entry``'s parameter, created or moved to its device, and checked."""

@@ -8,6 +8,7 @@ parameters and counters to a file; the test process runs the single-process refe
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 
@@ -26,7 +27,8 @@ RTOL = 1e-5
 
 class Net(nn.Module):
     """Conv2d (5 output channels: FSDP2 shards of 3 and 2), LayerNorm, Linear(., 7) (shards of 4 and 3), a
-    raw scale, and ``extra``, used only on even steps (no gradient on the others)."""
+    raw scale of one row (shards of 1 and 0), and ``extra``, used only on even steps (no gradient on the
+    others)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -35,7 +37,7 @@ class Net(nn.Module):
         self.fc1 = nn.Linear(80, 7)
         self.fc2 = nn.Linear(7, 3)
         self.extra = nn.Linear(7, 3, bias=False)
-        self.scale = nn.Parameter(torch.ones(3))
+        self.scale = nn.Parameter(torch.ones(1, 3))  # one row: FSDP2 leaves rank 1 an empty shard
 
     def forward(self, x: torch.Tensor, use_extra: bool) -> torch.Tensor:
         h = torch.tanh(self.fc1(torch.relu(self.norm(self.conv(x))).flatten(1)))
@@ -60,14 +62,19 @@ def batch(step: int, nan: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def train(model: nn.Module, opt: MBF, steps: range, rank: int | None, nan_step: int = -1) -> None:
-    """``rank``: train on that rank's part of each global batch; None: on the whole batch."""
+def train(model: nn.Module, opt: MBF, steps: range, rank: int | None, nan_step: int = -1,
+          poison_step: int = -1) -> None:
+    """``rank``: train on that rank's part of each global batch; None: on the whole batch. ``poison_step``:
+    rank 1 sets its local gradient of ``fc1.weight`` to NaN after backward (under FSDP2: its shard only)."""
     for i in steps:
         x, y = batch(i, nan=i == nan_step)
         if rank is not None:
             x, y = x[rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH], y[rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH]
         opt.zero_grad()
         nn.functional.cross_entropy(model(x, use_extra=i % 2 == 0), y).backward()
+        if i == poison_step and rank == 1:
+            grad = _inner(model).fc1.weight.grad
+            (grad.to_local() if hasattr(grad, "to_local") else grad).fill_(float("nan"))
         opt.step()
 
 
@@ -84,71 +91,87 @@ def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------ the ranks
-def _worker(rank: int, port: int, cfg: dict, out_path: str) -> None:
+# Every scenario of one mode runs in one spawn (starting two processes costs more than the training).
+def scenarios(mode: str) -> dict[str, dict]:
+    out = {
+        "every_step": dict(steps=4, stat_every=1),
+        "default_schedule": dict(steps=12, stat_every=10),  # statistics on steps 0 and 10
+        # a NaN in rank 1's batch on step 1, rank 0's checkpoint after step 2 loaded by every rank
+        "nan_and_checkpoint": dict(steps=4, stat_every=1, nan_step=1, resume_at=2),
+    }
+    if mode == "fsdp":  # a NaN that reaches one rank's gradient shard only: the flag is agreed on
+        out["nan_shard"] = dict(steps=3, stat_every=1, poison_step=1)
+    if mode == "replicated":
+        out["local_statistics"] = dict(steps=4, stat_every=1, process_group=None)
+        if TRITON_CPU:
+            out["triton"] = dict(steps=1, stat_every=1, backend="triton")  # the interpreter is slow
+    return out
+
+
+TRITON_CPU = os.environ.get("TRITON_INTERPRET", "0") == "1" and importlib.util.find_spec("triton") is not None
+
+
+def _worker(rank: int, port: int, mode: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
-        result = _run(rank, cfg)
-        if rank == 0 or cfg["mode"] == "fsdp":
-            torch.save(result, f"{out_path}.{rank}")
+        results = {name: _run(rank, mode, cfg, f"{out_dir}/{name}.ckpt") for name, cfg in scenarios(mode).items()}
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def _wrap(cfg: dict) -> tuple[nn.Module, MBF]:
+def _wrap(mode: str, cfg: dict, state: dict | None = None) -> tuple[nn.Module, MBF]:
     model = make_model()
-    if cfg["mode"] == "fsdp":
+    if state is not None:
+        model.load_state_dict(state)
+    if mode == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
         return model, MBF(model, **hyper(cfg))
     ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-    kw = {"process_group": None} if "process_group" in cfg else {"shard_curvature": cfg["mode"] == "sharded"}
+    kw = {"process_group": None} if "process_group" in cfg else {"shard_curvature": mode == "sharded"}
     return ddp, MBF(ddp, **hyper(cfg), **kw)
 
 
-def _run(rank: int, cfg: dict) -> dict:
-    model, opt = _wrap(cfg)
-    steps = cfg["steps"]
+def _inner(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _run(rank: int, mode: str, cfg: dict, ckpt: str) -> dict:
+    model, opt = _wrap(mode, cfg)
+    steps, nan_step = cfg["steps"], cfg.get("nan_step", -1)
     result: dict = {}
     if "resume_at" in cfg:  # a checkpoint mid-run: rank 0's state loads on every rank
         k = cfg["resume_at"]
-        train(model, opt, range(k), rank)
-        path = cfg["ckpt"]
+        train(model, opt, range(k), rank, nan_step)
+        # every rank calls both (collectives in the sharded modes)
+        sd, model_sd = opt.state_dict(), full_state(_inner(model))
         if rank == 0:
-            torch.save({"model": full_state(model.module), "opt": opt.state_dict()}, path)
+            torch.save({"model": model_sd, "opt": sd}, ckpt)
         dist.barrier()
-        ckpt = torch.load(path)
-        model2, opt2 = _wrap(cfg)
-        model2.module.load_state_dict(ckpt["model"])
-        opt2.load_state_dict(ckpt["opt"])
-        train(model, opt, range(k, steps), rank)
-        train(model2, opt2, range(k, steps), rank)
-        result["resumed"] = full_state(model2.module)
+        saved = torch.load(ckpt)
+        model2, opt2 = _wrap(mode, cfg, saved["model"])
+        opt2.load_state_dict(saved["opt"])
+        train(model, opt, range(k, steps), rank, nan_step)
+        train(model2, opt2, range(k, steps), rank, nan_step)
+        result["resumed"] = full_state(_inner(model2))
+        result["resumed_counters"] = (opt2.steps, opt2.skipped_steps)
     else:
-        train(model, opt, range(steps), rank, nan_step=cfg.get("nan_step", -1))
-    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    result["params"] = full_state(inner)
+        train(model, opt, range(steps), rank, nan_step, cfg.get("poison_step", -1))
+    result["params"] = full_state(_inner(model))
     result["counters"] = (opt.steps, opt.skipped_steps)
     result["f_numel"] = sum(s["F"].numel() for s in opt.state.values())
     return result
 
 
-def run_ranks(tmp_path, **cfg) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = str(tmp_path / "result")
-    cfg.setdefault("ckpt", str(tmp_path / "ckpt.pt"))
-    mp.spawn(_worker, args=(port, cfg, out), nprocs=WORLD, join=True)
-    return [torch.load(f"{out}.{r}") for r in range(WORLD) if os.path.exists(f"{out}.{r}")]
-
-
-def reference(cfg: dict, nan_step: int = -1) -> tuple[dict, MBF]:
+def reference(cfg: dict) -> tuple[dict, MBF]:
     model = make_model()
     opt = MBF(model, **hyper(cfg), process_group=None)
-    train(model, opt, range(cfg["steps"]), None, nan_step=nan_step)
+    # a step with a NaN anywhere is skipped whole: the reference has it in its batch
+    train(model, opt, range(cfg["steps"]), None, cfg.get("nan_step", cfg.get("poison_step", -1)))
     return full_state(model), opt
 
 
@@ -159,31 +182,92 @@ def assert_close(got: dict, want: dict, rtol: float = RTOL) -> None:
         assert err <= rtol, f"{name}: relative error {err:.2e}"
 
 
+@pytest.fixture(scope="module", params=["replicated", "sharded", "fsdp"])
+def ranks(request, tmp_path_factory):
+    """(mode, per-scenario results of each rank, the scenarios' folder)."""
+    mode = request.param
+    out = tmp_path_factory.mktemp(mode)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(port, mode, str(out)), nprocs=WORLD, join=True)
+    return mode, [torch.load(out / f"rank{r}.pt") for r in range(WORLD)], out
+
+
 # ------------------------------------------------------------------ the tests
-@pytest.mark.parametrize("mode", ["replicated", "sharded", "fsdp"])
-@pytest.mark.parametrize("stat_every", [1, 10])
-def test_parity_with_one_process(tmp_path, mode, stat_every):
-    steps = 4 if stat_every == 1 else 12  # the default schedule: statistics on steps 0 and 10
-    cfg = dict(mode=mode, steps=steps, stat_every=stat_every)
-    results = run_ranks(tmp_path, **cfg)
+@pytest.mark.parametrize("scenario", ["every_step", "default_schedule"])
+def test_parity_with_one_process(ranks, scenario):
+    mode, results, _ = ranks
+    cfg = scenarios(mode)[scenario]
     want, opt = reference(cfg)
     moved = sum((want[n] - p).norm() for n, p in make_model().state_dict().items())
     assert moved > 0.1  # the comparison is not between two untrained models
     for r in results:
-        assert_close(r["params"], want)
-        assert r["counters"] == (steps, 0)
+        assert_close(r[scenario]["params"], want)
+        assert r[scenario]["counters"] == (cfg["steps"], 0)
     f_single = sum(s["F"].numel() for s in opt.state.values())
     if mode == "replicated":
-        assert results[0]["f_numel"] == f_single
+        assert results[0][scenario]["f_numel"] == f_single
     else:  # every rank keeps about 1/world of the curvature
-        assert results[0]["f_numel"] < 0.75 * f_single
+        assert all(r[scenario]["f_numel"] < 0.75 * f_single for r in results)
+        assert sum(r[scenario]["f_numel"] for r in results) == f_single
 
 
-def test_local_statistics_differ(tmp_path):
+def test_nan_on_one_rank_and_checkpoint(ranks):
+    """A NaN in one rank's batch skips the step on every rank (as in one process on the pooled batch); rank
+    0's checkpoint, loaded on every rank, resumes bit-exactly, and loads into one process too."""
+    mode, results, out = ranks
+    cfg = scenarios(mode)["nan_and_checkpoint"]
+    want, _ = reference(cfg)
+    for r in results:
+        res = r["nan_and_checkpoint"]
+        assert res["counters"] == (cfg["steps"] - 1, 1)
+        assert res["resumed_counters"] == (cfg["steps"] - 1, 1)
+        assert_close(res["params"], want)
+        for name, t in res["params"].items():  # resumed == uninterrupted, bit for bit
+            assert torch.equal(res["resumed"][name], t), name
+    saved = torch.load(out / "nan_and_checkpoint.ckpt")
+    model = make_model()
+    model.load_state_dict(saved["model"])
+    opt = MBF(model, **hyper(cfg), process_group=None)
+    opt.load_state_dict(saved["opt"])
+    train(model, opt, range(cfg["resume_at"], cfg["steps"]), None, cfg["nan_step"])
+    assert_close(full_state(model), want)
+    assert (opt.steps, opt.skipped_steps) == (cfg["steps"] - 1, 1)
+
+
+def test_nan_in_one_gradient_shard(ranks):
+    """FSDP2: a NaN in rank 1's gradient shard only (rank 0's shard is finite) skips the step on both."""
+    mode, results, _ = ranks
+    if mode != "fsdp":
+        pytest.skip("DDP's all-reduced gradient carries a NaN to every rank (test_nan_on_one_rank_and_checkpoint)")
+    cfg = scenarios(mode)["nan_shard"]
+    want, _ = reference(cfg)
+    for r in results:
+        assert r["nan_shard"]["counters"] == (cfg["steps"] - 1, 1)
+        assert_close(r["nan_shard"]["params"], want)
+
+
+def test_local_statistics_differ(ranks):
     """The parity check can fail: under DDP, ranks that keep their local statistics (``process_group=None``,
     the behaviour before data parallelism) end far from one process."""
-    cfg = dict(mode="replicated", steps=4, stat_every=1, process_group=None)
+    mode, results, _ = ranks
+    if mode != "replicated":
+        pytest.skip("one run is enough")
+    cfg = scenarios(mode)["local_statistics"]
     want, _ = reference(cfg)
-    got = run_ranks(tmp_path, **cfg)[0]["params"]
+    got = results[0]["local_statistics"]["params"]
     err = max(((got[n] - want[n]).norm() / want[n].norm()).item() for n in want)
     assert err > 1e-3
+
+
+@pytest.mark.skipif(not TRITON_CPU, reason="needs triton under TRITON_INTERPRET=1")
+def test_triton_backend_parity(ranks):
+    """The Triton path shares the communication code: its statistics kernels write the bucket."""
+    mode, results, _ = ranks
+    if mode != "replicated":
+        pytest.skip("one run is enough")
+    cfg = scenarios(mode)["triton"]
+    want, _ = reference(cfg)
+    for r in results:
+        assert_close(r["triton"]["params"], want)
