@@ -268,10 +268,12 @@ class DataParallel:
         return layout.matrix(t)[lo:hi]
 
     # ------------------------------------------------------------------ communication
-    def exchange(self, items: list[tuple[torch.Tensor, Layout, torch.Tensor, float]],
-                 device: torch.device) -> Exchange:
+    def exchange(self, items: list[tuple[torch.Tensor, Layout, torch.Tensor, float]]) -> Exchange:
         """The statistics exchange of one step for ``(param, layout, owned F, decay)`` items."""
-        return Exchange(self, items, device)
+        devices = {p.device for p, *_ in items}
+        if len(devices) != 1:
+            raise ValueError(f"data-parallel MBF needs every parameter on one device, got {sorted(map(str, devices))}")
+        return Exchange(self, items, devices.pop())
 
     def agree(self, skip: torch.Tensor) -> torch.Tensor:
         """The skip flag, true on every rank if it is true on one (fsdp: the gradient is sharded). DDP's
@@ -351,6 +353,13 @@ class DataParallel:
             out.append(full)
         self.gather_rows(items)
         return out
+
+    def full_state_dict(self, sd: dict[str, Any], params: list[torch.Tensor], layout_of) -> dict[str, Any]:
+        """An optimizer ``state_dict`` (``sd``, its state keyed by index into ``params``) with the whole
+        curvature and momentum of every parameter (:meth:`full_state`)."""
+        keys = list(sd["state"])
+        full = self.full_state([(params[k], layout_of(params[k]), sd["state"][k]) for k in keys])
+        return {**sd, "state": dict(zip(keys, full))}
 
     def local_state(self, p: torch.Tensor, layout: Layout, key: str, value: torch.Tensor) -> torch.Tensor:
         """A loaded ``F`` or momentum: this rank's rows of a whole one (a checkpoint of any mode or of one

@@ -212,17 +212,12 @@ class MBF(Optimizer):
             self._capture.watch(self.param_groups[-1]["params"])
 
     def state_dict(self) -> dict[str, Any]:
-        """As torch.optim's, plus the counters. Data parallel: the whole curvature and momentum, as one
-        process would hold them (sharded modes gather them from their owners: every rank must call it);
-        any rank's result loads on every rank, in any mode, and in one process."""
+        """As torch.optim's, plus the counters; data parallel, as one process would hold it (a collective)."""
         self._settle()
         sd = super().state_dict()
         if self._dp is not None:
-            params = [p for g in self.param_groups for p in g["params"]]
-            keys = [k for k in sd["state"]]
             self._assign_rows()
-            full = self._dp.full_state([(params[k], self.layout(params[k]), sd["state"][k]) for k in keys])
-            sd["state"] = dict(zip(keys, full))
+            sd = self._dp.full_state_dict(sd, [p for g in self.param_groups for p in g["params"]], self.layout)
         sd["mbf"] = {
             **self._counters,
             "fallback_blocks": self.fallback_blocks,
@@ -236,12 +231,9 @@ class MBF(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._settle()  # the counters are exact if the checkpoint carries none
         state_dict = dict(state_dict)
-        extra = state_dict.pop("mbf", None)
-        groups = [dict(g) for g in state_dict["param_groups"]]
-        for g in groups:  # the counters also ride in the groups of a data-parallel checkpoint
-            in_group = g.pop("mbf", None)
-            extra = extra if extra is not None else in_group
-        state_dict["param_groups"] = groups
+        groups = state_dict["param_groups"]  # the counters also ride in a data-parallel checkpoint's groups
+        extra = state_dict.pop("mbf", None) or next((g["mbf"] for g in groups if "mbf" in g), None)
+        state_dict["param_groups"] = [{k: v for k, v in g.items() if k != "mbf"} for g in groups]
         # torch.optim casts floating state to the parameter's dtype; the curvature and momentum must stay
         # fp32 (bit-exact resume of bf16 models), so they bypass that and only move device.
         saved_state = {pid: dict(s) for pid, s in state_dict["state"].items()}
@@ -337,7 +329,9 @@ class MBF(Optimizer):
                 diag: dict[tuple, _DiagBatch] = {}  # (device, decay) -> the 1x1-block statistics done together
                 jobs = [(entry, *job) for entry in plan.entries
                         if (job := self._statistics_job(entry, stat_step)) is not None]
-                exchange = self._exchange(jobs)  # data parallel: where the per-sample statistics go
+                shared = [(e.param, e.layout, self.state[e.param]["F"], decay) for e, records, decay in jobs if records]
+                # data parallel: the bucket the per-sample statistics go to, averaged across the ranks
+                exchange = self._dp.exchange(shared) if self._dp is not None and shared else None
                 for entry, records, decay in jobs:
                     first |= self._statistics(entry, records, decay, diag, skip, counted, exchange)
                 if exchange is not None:
@@ -507,16 +501,6 @@ class MBF(Optimizer):
             return None
         return records, entry.group["stat_decay"] if state["stat_steps"] > 0 else 0.0
 
-    def _exchange(self, jobs: list[tuple[_Entry, list[Record], float]]) -> distributed.Exchange | None:
-        """Data parallel: the bucket that this step's per-sample statistics are written to and averaged in."""
-        shared = [(e.param, e.layout, self.state[e.param]["F"], decay) for e, records, decay in jobs if records]
-        if self._dp is None or not shared:
-            return None
-        devices = {p.device for p, *_ in shared}
-        if len(devices) > 1:
-            raise ValueError(f"data-parallel MBF needs every parameter on one device, got {sorted(map(str, devices))}")
-        return self._dp.exchange(shared, devices.pop())
-
     def _statistics(self, entry: _Entry, records: list[Record], decay: float, diag: dict[tuple, _DiagBatch],
                     skip: dict[torch.device, torch.Tensor], counted: list[tuple[dict[str, Any], torch.Tensor]],
                     exchange: distributed.Exchange | None = None) -> bool:
@@ -552,11 +536,9 @@ class MBF(Optimizer):
         return self._count_statistic(state, counted)
 
     def _owned(self, entry: _Entry, t: torch.Tensor) -> torch.Tensor:
-        """The rows of ``t`` (``entry``'s parameter data or gradient) whose curvature this rank keeps, as a
-        ``(rows, cols)`` view of contiguous storage (all rows in one process)."""
-        t = distributed.local(t)
-        if not t.is_contiguous():
-            t = t.contiguous()
+        """The rows of ``t`` (``entry``'s parameter or gradient) whose curvature this rank keeps (all in one
+        process), as a ``(rows, cols)`` matrix of contiguous storage."""
+        t = distributed.local(t).contiguous()
         return entry.layout.matrix(t) if self._dp is None else self._dp.owned(t, entry.param, entry.layout)
 
     @staticmethod

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from mbf_triton import MBF
+from mbf_triton import MBF, Layout
 
 WORLD = 2
 LOCAL_BATCH = 4
@@ -93,6 +93,8 @@ def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------ the ranks
 # Every scenario of one mode runs in one spawn (starting two processes costs more than the training).
 def scenarios(mode: str) -> dict[str, dict]:
+    if mode == "triton":  # DDP, replicated, on the Triton path (interpreted: slow, so a spawn of its own)
+        return {"triton": dict(steps=2, stat_every=1, backend="triton")}
     out = {
         "every_step": dict(steps=4, stat_every=1),
         "default_schedule": dict(steps=12, stat_every=10),  # statistics on steps 0 and 10
@@ -103,8 +105,6 @@ def scenarios(mode: str) -> dict[str, dict]:
         out["nan_shard"] = dict(steps=3, stat_every=1, poison_step=1)
     if mode == "replicated":
         out["local_statistics"] = dict(steps=4, stat_every=1, process_group=None)
-        if TRITON_CPU:
-            out["triton"] = dict(steps=1, stat_every=1, backend="triton")  # the interpreter is slow
     return out
 
 
@@ -116,16 +116,52 @@ def _worker(rank: int, port: int, mode: str, out_dir: str) -> None:
     try:
         torch.set_num_threads(1)
         results = {name: _run(rank, mode, cfg, f"{out_dir}/{name}.ckpt") for name, cfg in scenarios(mode).items()}
+        if mode in ("replicated", "sharded"):
+            results["exchange"] = _exchange_check(rank, mode)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+EXCHANGE_LAYOUT = Layout("linear", rows=3, cols=4, b=2)  # 6 mini-blocks of 2x2 (3 packed entries)
+
+
+def exchange_inputs(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the old F of all blocks, rank's statistic): block 2 is Inf on rank 1, block 4 NaN on rank 0."""
+    f_old = torch.arange(18, dtype=torch.float32).view(6, 3)
+    fhat = torch.full((6, 3), float(rank + 1))
+    if rank == 1:
+        fhat[2, 1] = float("inf")
+    if rank == 0:
+        fhat[4, 0] = float("nan")
+    return f_old, fhat
+
+
+def _exchange_check(rank: int, mode: str) -> dict:
+    """The Exchange by itself: each rank's F rows after one fold with decay 0.5, and after a skipped one."""
+    from mbf_triton.distributed import DataParallel
+
+    dp = DataParallel(dist.group.WORLD, mode)
+    p = torch.zeros(3, 4)
+    dp.assign([(p, EXCHANGE_LAYOUT)])
+    lo, hi = dp.rows(p, EXCHANGE_LAYOUT)
+    out = {"rows": (lo, hi)}
+    for skip in (False, True):
+        f_old, fhat = exchange_inputs(rank)
+        f = f_old.view(3, 6)[lo:hi].reshape(-1, 3).clone()
+        exchange = dp.exchange([(p, EXCHANGE_LAYOUT, f, 0.5)])
+        exchange.slot(p).copy_(fhat)
+        exchange.start()
+        exchange.finish(torch.tensor([skip]))
+        out[skip] = f
+    return out
 
 
 def _wrap(mode: str, cfg: dict, state: dict | None = None) -> tuple[nn.Module, MBF]:
     model = make_model()
     if state is not None:
         model.load_state_dict(state)
-    if mode == "fsdp":
+    if mode == "fsdp":  # (mode "triton" is DDP, replicated)
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -134,6 +170,13 @@ def _wrap(mode: str, cfg: dict, state: dict | None = None) -> tuple[nn.Module, M
     ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     kw = {"process_group": None} if "process_group" in cfg else {"shard_curvature": mode == "sharded"}
     return ddp, MBF(ddp, **hyper(cfg), **kw)
+
+
+def _dcp():
+    import torch.distributed.checkpoint as dcp
+    import torch.distributed.checkpoint.state_dict as helpers
+
+    return dcp, helpers
 
 
 def _inner(model: nn.Module) -> nn.Module:
@@ -151,6 +194,20 @@ def _run(rank: int, mode: str, cfg: dict, ckpt: str) -> dict:
         sd, model_sd = opt.state_dict(), full_state(_inner(model))
         if rank == 0:
             torch.save({"model": model_sd, "opt": sd}, ckpt)
+        if mode == "fsdp":  # also through torch.distributed.checkpoint's state-dict helpers
+            dcp, helpers = _dcp()
+            saved = {"model": helpers.get_model_state_dict(model),
+                     "optim": helpers.get_optimizer_state_dict(model, opt)}
+            dcp.save(saved, checkpoint_id=ckpt + ".dcp")
+            model3, opt3 = _wrap(mode, cfg)
+            sd3 = {"model": helpers.get_model_state_dict(model3),
+                   "optim": helpers.get_optimizer_state_dict(model3, opt3)}
+            dcp.load(sd3, checkpoint_id=ckpt + ".dcp")
+            helpers.set_model_state_dict(model3, sd3["model"])
+            helpers.set_optimizer_state_dict(model3, opt3, sd3["optim"])
+            train(model3, opt3, range(k, steps), rank, nan_step)
+            result["resumed_dcp"] = full_state(model3)
+            result["resumed_dcp_counters"] = (opt3.steps, opt3.skipped_steps)
         dist.barrier()
         saved = torch.load(ckpt)
         model2, opt2 = _wrap(mode, cfg, saved["model"])
@@ -185,7 +242,10 @@ def assert_close(got: dict, want: dict, rtol: float = RTOL) -> None:
 @pytest.fixture(scope="module", params=["replicated", "sharded", "fsdp"])
 def ranks(request, tmp_path_factory):
     """(mode, per-scenario results of each rank, the scenarios' folder)."""
-    mode = request.param
+    return _spawn(request.param, tmp_path_factory)
+
+
+def _spawn(mode: str, tmp_path_factory):
     out = tmp_path_factory.mktemp(mode)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -226,6 +286,10 @@ def test_nan_on_one_rank_and_checkpoint(ranks):
         assert_close(res["params"], want)
         for name, t in res["params"].items():  # resumed == uninterrupted, bit for bit
             assert torch.equal(res["resumed"][name], t), name
+        if mode == "fsdp":  # through torch.distributed.checkpoint too
+            assert res["resumed_dcp_counters"] == (cfg["steps"] - 1, 1)
+            for name, t in res["params"].items():
+                assert torch.equal(res["resumed_dcp"][name], t), name
     saved = torch.load(out / "nan_and_checkpoint.ckpt")
     model = make_model()
     model.load_state_dict(saved["model"])
@@ -262,12 +326,46 @@ def test_local_statistics_differ(ranks):
 
 
 @pytest.mark.skipif(not TRITON_CPU, reason="needs triton under TRITON_INTERPRET=1")
-def test_triton_backend_parity(ranks):
+def test_triton_backend_parity(tmp_path_factory):
     """The Triton path shares the communication code: its statistics kernels write the bucket."""
-    mode, results, _ = ranks
-    if mode != "replicated":
-        pytest.skip("one run is enough")
-    cfg = scenarios(mode)["triton"]
+    _, results, _ = _spawn("triton", tmp_path_factory)
+    cfg = scenarios("triton")["triton"]
     want, _ = reference(cfg)
     for r in results:
         assert_close(r["triton"]["params"], want)
+
+
+def test_exchange_averages_and_guards_the_mean(ranks):
+    """F <- EMA(F, mean over ranks of Fhat), a block non-finite on any rank keeping its old F on every rank,
+    nothing changed on a skipped step; in the sharded mode each rank gets its rows."""
+    mode, results, _ = ranks
+    if mode == "fsdp":
+        pytest.skip("the fsdp rows come from DTensor shards (covered by the training tests)")
+    f_old, _ = exchange_inputs(0)
+    mean = (exchange_inputs(0)[1] + exchange_inputs(1)[1]) / 2
+    want = torch.where(torch.isfinite(mean).all(dim=1, keepdim=True), torch.lerp(mean, f_old, 0.5), f_old)
+    assert not torch.equal(want, f_old)
+    rows = [r["exchange"]["rows"] for r in results]
+    if mode == "sharded":
+        assert rows[0][0] == 0 and rows[0][1] == rows[1][0] and rows[1][1] == 3 and rows[0][1] not in (0, 3)
+    for r in results:
+        lo, hi = r["exchange"]["rows"]
+        per_row = EXCHANGE_LAYOUT.n_chunks
+        assert torch.equal(r["exchange"][False], want[lo * per_row:hi * per_row])
+        assert torch.equal(r["exchange"][True], f_old[lo * per_row:hi * per_row])
+
+
+def test_communication_report():
+    """perf/distributed_comm.py's arithmetic: sharded and FSDP2 F per rank about 1/world of the replicated
+    one, a statistics step about 5x the gradient all-reduce for 3x3 convolutions."""
+    import importlib.util as iu
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "perf" / "distributed_comm.py"
+    spec = iu.spec_from_file_location("distributed_comm", path)
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    r = mod.report(mod.resnet32(), 2)
+    assert r["f_sharded"] < 0.51 * r["f_replicated"] and r["f_fsdp"] < 0.51 * r["f_replicated"]
+    assert 4.5 < r["replicated_stats"] / r["ddp_allreduce"] < 5.5
+    assert r["replicated_plain"] == 0
