@@ -144,7 +144,9 @@ class _Spec:
 
 class Exchange:
     """The statistics of one step: :meth:`slot` per parameter, then :meth:`start` (the collective, async),
-    then :meth:`finish` (wait, mean, fold into the owned ``F``)."""
+    then :meth:`finish` (wait, mean, fold into the owned ``F``). :data:`NO_EXCHANGE`: nothing to exchange."""
+
+    active = True
 
     def __init__(self, dp: DataParallel, items: list[tuple[torch.Tensor, Layout, torch.Tensor, float]],
                  device: torch.device) -> None:
@@ -193,11 +195,12 @@ class Exchange:
             self._received = torch.empty(self.length, dtype=torch.float32, device=self.bucket.device)
             self._work = _reduce_scatter(self._received, self.bucket, self.dp.group, async_op=True)
 
-    def finish(self, skip: torch.Tensor) -> None:
-        """Wait for the collective, then ``F <- EMA(F, mean over ranks)`` with the finite guard and ``skip``,
-        for the rows this rank owns."""
+    def finish(self, skip: dict[torch.device, torch.Tensor]) -> None:
+        """Wait for the collective, then ``F <- EMA(F, mean over ranks)`` with the finite guard and the
+        step's skip flag (per device), for the rows this rank owns."""
         from .reference import fisher_ema_
 
+        skip = skip[self.bucket.device]
         self._work.wait()
         received = self._received.mul_(1.0 / self.dp.world)
         me = self.dp.rank if self.dp.mode != "replicated" else 0
@@ -207,6 +210,25 @@ class Exchange:
             for r, lo, hi, off in spec.pieces:
                 if r == me:
                     fisher_ema_(spec.f, received[off:off + (hi - lo) * per_row].view(-1, t), spec.decay, skip)
+
+
+class _NoExchange:
+    active = False
+
+    def start(self) -> None:
+        pass
+
+    def finish(self, skip: dict[torch.device, torch.Tensor]) -> None:
+        pass
+
+
+NO_EXCHANGE = _NoExchange()
+
+
+def exchange(dp: DataParallel | None, items: list[tuple[torch.Tensor, Layout, torch.Tensor, float]]):
+    """The step's :class:`Exchange` for ``(param, layout, owned F, decay)`` items, or :data:`NO_EXCHANGE`
+    in one process or when no statistic is to be exchanged."""
+    return dp.exchange(items) if dp is not None and items else NO_EXCHANGE
 
 
 class DataParallel:

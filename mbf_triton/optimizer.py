@@ -17,7 +17,6 @@ the GPU; the host reads the flag at the next step and settles its counters then.
 from __future__ import annotations
 
 import math
-import numbers
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -33,36 +32,9 @@ from . import reference as ref
 from .backends import BACKENDS, get_backend
 from .blocks import CONV_TYPES, Layout, layout_for
 from .capture import Capture, Record
+from .hyperparams import LOSS_REDUCTIONS, check_group
 
-LOSS_REDUCTIONS = ("mean", "sum")
 _FP32_STATE = ("F", "momentum_buffer")  # kept in fp32 whatever the parameter's dtype
-
-
-def _check_number(name: str, value: Any, low: float, high: float, low_open: bool, high_open: bool) -> None:
-    allowed = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} must be a finite number in {allowed}")
-    lo_ok = value > low if low_open else value >= low
-    hi_ok = value < high if high_open else value <= high
-    if not (lo_ok and hi_ok):
-        raise ValueError(f"{name}={value!r} must be a finite number in {allowed}")
-
-
-def _check_group(group: dict[str, Any]) -> None:
-    """All per-group hyperparameters are validated here and nowhere else."""
-    lr = group["lr"]
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"lr must be a number or a one-element tensor, got shape {tuple(lr.shape)}")
-        lr = lr.item()
-    _check_number("lr", lr, 0.0, math.inf, False, True)
-    _check_number("momentum", group["momentum"], 0.0, 1.0, False, True)
-    _check_number("damping", group["damping"], 0.0, math.inf, True, True)
-    _check_number("stat_decay", group["stat_decay"], 0.0, 1.0, False, True)
-    _check_number("weight_decay", group["weight_decay"], 0.0, math.inf, False, True)
-    bs = group["block_size"]
-    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
-        raise ValueError(f"block_size={bs!r} must be an integer >= 1")
 
 
 @dataclass
@@ -138,14 +110,10 @@ class MBF(Optimizer):
             if it is the sum: it sets how per-sample gradients are recovered from the batch gradient.
         backend: ``"auto"`` (Triton kernels for CUDA tensors when triton is installed, else torch),
             ``"torch"`` (the reference path, any device) or ``"triton"``.
-        process_group: data parallelism (:mod:`mbf_triton.distributed`). ``"auto"``: the group of a
-            ``DistributedDataParallel`` ``model``, of FSDP2's sharded parameters, else the default group when
-            torch.distributed is initialised with several ranks; ``None``: one process, no communication.
-            The statistics are averaged across the group on statistics steps, so every rank holds the same
-            curvature as one process training on the ranks' pooled batch.
-        shard_curvature: under DDP, each rank keeps the curvature and momentum of a contiguous 1/world slice
-            of the mini-blocks, updates only those, and the parameters are all-gathered (ZeRO-style).
-            FSDP2 always shards them like its parameters.
+        process_group: data parallelism (:mod:`mbf_triton.distributed`): ``"auto"`` (DDP's group, the FSDP2
+            mesh's, or the default group of an initialised torch.distributed), or ``None`` (no communication).
+        shard_curvature: under DDP, each rank keeps and updates the curvature and momentum of 1/world of
+            the mini-blocks, and the parameters are all-gathered (ZeRO-style); FSDP2 always shards them.
     """
 
     def __init__(
@@ -183,9 +151,9 @@ class MBF(Optimizer):
         self.stat_every = stat_every
         self.loss_reduction = loss_reduction
         self.backend = backend
-        all_params = [p for g in self.param_groups for p in g["params"]]
         # None in one process; else the group, the mode and which mini-blocks this rank owns
-        self._dp = distributed.resolve(model, all_params, process_group, bool(shard_curvature))
+        self._dp = distributed.resolve(model, [p for g in self.param_groups for p in g["params"]],
+                                       process_group, bool(shard_curvature))
         if shard_curvature and (self._dp is None or self._dp.mode != "sharded"):
             raise ValueError("shard_curvature=True needs DDP (or an initialised process group of several ranks); "
                              "FSDP2 shards the curvature by itself")
@@ -206,7 +174,7 @@ class MBF(Optimizer):
     # ------------------------------------------------------------------ torch.optim plumbing
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        _check_group(self.param_groups[-1])
+        check_group(self.param_groups[-1])
         self._plan_cache = None
         if hasattr(self, "_capture"):  # a group added after construction: hook its layers too
             self._capture.watch(self.param_groups[-1]["params"])
@@ -215,17 +183,15 @@ class MBF(Optimizer):
         """As torch.optim's, plus the counters; data parallel, as one process would hold it (a collective)."""
         self._settle()
         sd = super().state_dict()
-        if self._dp is not None:
-            self._assign_rows()
-            sd = self._dp.full_state_dict(sd, [p for g in self.param_groups for p in g["params"]], self.layout)
         sd["mbf"] = {
             **self._counters,
             "fallback_blocks": self.fallback_blocks,
             "stat_every": self.stat_every,
             "loss_reduction": self.loss_reduction,
         }
-        if self._dp is not None:  # torch.distributed.checkpoint's get_optimizer_state_dict keeps only the groups
-            sd["param_groups"] = [{**g, "mbf": sd["mbf"]} for g in sd["param_groups"]]
+        if self._dp is not None:  # the counters also in the groups: DCP's get_optimizer_state_dict keeps only those
+            sd = {**self._dp.full_state_dict(sd, self._assign_rows(), self.layout),
+                  "param_groups": [{**g, "mbf": sd["mbf"]} for g in sd["param_groups"]]}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -241,7 +207,7 @@ class MBF(Optimizer):
         super().load_state_dict({**state_dict, "state": saved_state})
         self._plan_cache = None
         for group in self.param_groups:
-            _check_group(group)
+            check_group(group)
         ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         if self._dp is not None:
@@ -331,17 +297,15 @@ class MBF(Optimizer):
                         if (job := self._statistics_job(entry, stat_step)) is not None]
                 shared = [(e.param, e.layout, self.state[e.param]["F"], decay) for e, records, decay in jobs if records]
                 # data parallel: the bucket the per-sample statistics go to, averaged across the ranks
-                exchange = self._dp.exchange(shared) if self._dp is not None and shared else None
+                exchange = distributed.exchange(self._dp, shared)  # in one process: nothing to exchange
                 for entry, records, decay in jobs:
                     first |= self._statistics(entry, records, decay, diag, skip, counted, exchange)
-                if exchange is not None:
-                    exchange.start()  # async: the local 1x1 statistics below overlap it
+                exchange.start()  # async: the local 1x1 statistics below overlap it
                 for (device, decay), d in diag.items():
                     ref.diag_fisher_ema_(d.grad_fs + d.fhat_fs, d.grads, decay, skip[device], fhats=d.fhats)
                     for state in d.states:
                         first |= self._count_statistic(state, counted)
-                if exchange is not None:
-                    exchange.finish(skip[exchange.bucket.device])
+                exchange.finish(skip)
                 for batch in plan.batches:
                     self._apply(batch, lrs[id(batch.group)], skip[batch.members[0].param.device])
                 if self._dp is not None:
@@ -460,10 +424,11 @@ class MBF(Optimizer):
         self._plan_cache = _Plan(key, entries, list(batches.values()))
         return self._plan_cache
 
-    def _assign_rows(self) -> None:
-        """Data parallel: which rows of every parameter each rank owns (all parameters, with a gradient or not)."""
+    def _assign_rows(self) -> list[torch.Tensor]:
+        """Data parallel: which rows of every parameter each rank owns; returns the parameters, in order."""
         self._dp.assign([(p, layout_for(p, self._capture.module_of(p), g["block_size"]))
                          for g in self.param_groups for p in g["params"] if p.numel() > 0])
+        return [p for g in self.param_groups for p in g["params"]]
 
     def _prepare_state(self, entry: _Entry) -> None:
         """The state of ``entry``'s parameter, created or moved to its device, and checked."""
@@ -486,8 +451,7 @@ class MBF(Optimizer):
             )
 
     def _statistics_job(self, entry: _Entry, stat_step: bool) -> tuple[list[Record], float] | None:
-        """Whether this step folds a batch Fisher into ``entry``'s ``F`` (the schedule, or a first step): None,
-        or the captured records and the decay to use."""
+        """None, or (records, decay) if this step folds a batch Fisher into ``F`` (the schedule, a first step)."""
         p, module = entry.param, entry.module
         state = self.state[p]
         if not (stat_step or state["stat_steps"] == 0):
@@ -503,14 +467,14 @@ class MBF(Optimizer):
 
     def _statistics(self, entry: _Entry, records: list[Record], decay: float, diag: dict[tuple, _DiagBatch],
                     skip: dict[torch.device, torch.Tensor], counted: list[tuple[dict[str, Any], torch.Tensor]],
-                    exchange: distributed.Exchange | None = None) -> bool:
+                    exchange: distributed.Exchange = distributed.NO_EXCHANGE) -> bool:
         """Fold this step's batch Fisher into ``F`` (or, data parallel, write the local one to ``exchange``,
         which averages and folds it). 1x1-block statistics formed by torch ops (norm scales, biases) are
         collected in ``diag`` (done together); the states whose ``stat_steps`` this counts go to
         ``counted``. True if this is ``F``'s first statistic."""
         p, module, layout = entry.param, entry.module, entry.layout
         state = self.state[p]
-        if exchange is not None and records:
+        if exchange.active and records:
             slot = exchange.slot(p)  # NaN-filled: what no statistic reaches stays non-finite
             fhat = self._batch_statistics(entry.backend, p, module, layout, slot, 0.0, records, skip[p.device])
             if fhat is not None:
@@ -536,8 +500,7 @@ class MBF(Optimizer):
         return self._count_statistic(state, counted)
 
     def _owned(self, entry: _Entry, t: torch.Tensor) -> torch.Tensor:
-        """The rows of ``t`` (``entry``'s parameter or gradient) whose curvature this rank keeps (all in one
-        process), as a ``(rows, cols)`` matrix of contiguous storage."""
+        """The rows of ``entry``'s parameter or gradient ``t`` whose curvature this rank keeps, as a matrix."""
         t = distributed.local(t).contiguous()
         return entry.layout.matrix(t) if self._dp is None else self._dp.owned(t, entry.param, entry.layout)
 
@@ -616,7 +579,7 @@ class MBF(Optimizer):
                        for x, g in zip(xs, gs)) / n_total
         x, gout, scale = self._pool(xs, gs)
         if p is module.weight:
-            backend.conv_fisher_ema_(f, x, gout, geometry=_conv_geometry(module), groups=module.groups,
+            backend.conv_fisher_ema_(f, x, gout, geometry=ref.ConvGeometry.of(module), groups=module.groups,
                                      scale=scale, decay=decay, skip=skip)
             return None
         return self._conv_fhat(p, module, x, gout, scale)
@@ -625,7 +588,7 @@ class MBF(Optimizer):
     def _conv_fhat(p, module, x, gout, scale: float) -> torch.Tensor:
         """Reference batch Fisher of a conv weight or bias (rare paths: bias, mixed spatial sizes)."""
         if p is module.weight:
-            return ref.conv_fisher(_conv_geometry(module).patches(x), gout, module.groups, scale)
+            return ref.conv_fisher(ref.ConvGeometry.of(module).patches(x), gout, module.groups, scale)
         per_sample = gout.float().flatten(2).sum(dim=2).mul_(scale)  # (N, C_out)
         return per_sample.square().mean(dim=0)[:, None]
 
@@ -635,18 +598,3 @@ class MBF(Optimizer):
             return xs[0], gs[0], self._sample_scale(xs[0].shape[0])
         gs = [g * self._sample_scale(g.shape[0]) for g in gs]
         return torch.cat(xs), torch.cat(gs), 1.0
-
-
-def _conv_padding(module: nn.Module) -> tuple[tuple[int, int], ...]:
-    k, dil = module.kernel_size, module.dilation
-    if isinstance(module.padding, str):
-        if module.padding == "valid":
-            return tuple((0, 0) for _ in k)
-        total = [di * (ki - 1) for ki, di in zip(k, dil)]  # "same"
-        return tuple((t // 2, t - t // 2) for t in total)
-    return tuple((pi, pi) for pi in module.padding)
-
-
-def _conv_geometry(module: nn.Module) -> ref.ConvGeometry:
-    return ref.ConvGeometry(tuple(module.kernel_size), tuple(module.stride), _conv_padding(module),
-                            tuple(module.dilation), module.padding_mode)

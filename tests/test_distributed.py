@@ -152,7 +152,7 @@ def _exchange_check(rank: int, mode: str) -> dict:
         exchange = dp.exchange([(p, EXCHANGE_LAYOUT, f, 0.5)])
         exchange.slot(p).copy_(fhat)
         exchange.start()
-        exchange.finish(torch.tensor([skip]))
+        exchange.finish({torch.device("cpu"): torch.tensor([skip])})
         out[skip] = f
     return out
 

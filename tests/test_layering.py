@@ -26,6 +26,7 @@ LAYERS = {
     "mbf_triton.backends": 2,
     "mbf_triton.capture": 3,
     "mbf_triton.optimizer": 3,
+    "mbf_triton.hyperparams": 3,
     "mbf_triton.distributed": 3,  # the optimizer's data parallelism (imports blocks and reference)
     "mbf_triton.experiments": 4,
     "mbf_triton.cli": 4,
