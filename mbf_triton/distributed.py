@@ -79,6 +79,8 @@ def resolve(model: nn.Module, params: list[torch.Tensor], process_group: Any, sh
     DTensor parameters, else the default group when torch.distributed is initialised with more than one
     rank (a module wrapped by DDP and handed over without its wrapper). ``None``: no communication.
     """
+    if type(model).__name__ == "FullyShardedDataParallel":  # FSDP1's flat parameters hide the layers' shapes
+        raise ValueError("FSDP1 (FullyShardedDataParallel) is not supported: use FSDP2 (fully_shard) or DDP")
     fsdp = [p for p in params if is_dtensor(p)]
     if fsdp and len(fsdp) != len(params):
         raise ValueError("FSDP2: every parameter handed to MBF must be a sharded DTensor (fully_shard the model, "
