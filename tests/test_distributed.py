@@ -94,7 +94,7 @@ def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
 # Every scenario of one mode runs in one spawn (starting two processes costs more than the training).
 def scenarios(mode: str) -> dict[str, dict]:
     if mode == "triton":  # DDP, replicated, on the Triton path (interpreted: slow, so a spawn of its own)
-        return {"triton": dict(steps=2, stat_every=1, backend="triton")}
+        return {"triton": dict(steps=1, stat_every=1, backend="triton")}
     out = {
         "every_step": dict(steps=4, stat_every=1),
         "default_schedule": dict(steps=12, stat_every=10),  # statistics on steps 0 and 10
