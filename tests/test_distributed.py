@@ -105,6 +105,7 @@ def scenarios(mode: str) -> dict[str, dict]:
         out["nan_shard"] = dict(steps=3, stat_every=1, poison_step=1)
     if mode == "replicated":
         out["local_statistics"] = dict(steps=4, stat_every=1, process_group=None)
+        out["inner_module"] = dict(steps=4, stat_every=1, inner=True)  # MBF(ddp.module): the default group
     return out
 
 
@@ -169,7 +170,7 @@ def _wrap(mode: str, cfg: dict, state: dict | None = None) -> tuple[nn.Module, M
         return model, MBF(model, **hyper(cfg))
     ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     kw = {"process_group": None} if "process_group" in cfg else {"shard_curvature": mode == "sharded"}
-    return ddp, MBF(ddp, **hyper(cfg), **kw)
+    return ddp, MBF(ddp.module if cfg.get("inner") else ddp, **hyper(cfg), **kw)
 
 
 def _dcp():
@@ -310,6 +311,16 @@ def test_nan_in_one_gradient_shard(ranks):
     for r in results:
         assert r["nan_shard"]["counters"] == (cfg["steps"] - 1, 1)
         assert_close(r["nan_shard"]["params"], want)
+
+
+def test_wrapped_module_uses_the_default_group(ranks):
+    """MBF built on the module DDP wraps (not the wrapper) finds the default process group."""
+    mode, results, _ = ranks
+    if mode != "replicated":
+        pytest.skip("one run is enough")
+    want, _ = reference(scenarios(mode)["inner_module"])
+    for r in results:
+        assert_close(r["inner_module"]["params"], want)
 
 
 def test_local_statistics_differ(ranks):
