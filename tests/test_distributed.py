@@ -8,6 +8,7 @@ parameters and counters to a file; the test process runs the single-process refe
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import socket
@@ -23,6 +24,10 @@ from mbf_triton import MBF, Layout
 WORLD = 2
 LOCAL_BATCH = 4
 RTOL = 1e-5
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+HAS_FSDP2 = dist.is_available() and hasattr(importlib.import_module("torch.distributed.fsdp"), "fully_shard")
 
 
 class Net(nn.Module):
@@ -243,6 +248,8 @@ def assert_close(got: dict, want: dict, rtol: float = RTOL) -> None:
 @pytest.fixture(scope="module", params=["replicated", "sharded", "fsdp"])
 def ranks(request, tmp_path_factory):
     """(mode, per-scenario results of each rank, the scenarios' folder)."""
+    if request.param == "fsdp" and not HAS_FSDP2:
+        pytest.skip("needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6)")
     return _spawn(request.param, tmp_path_factory)
 
 
