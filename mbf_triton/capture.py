@@ -30,6 +30,7 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 from .blocks import CONV_TYPES, LINEAR_TYPES
+from .distributed import is_dtensor
 
 # normalised over the trailing dims (LayerNorm, RMSNorm), or per channel in dim 1 (GroupNorm, BatchNorm)
 TRAILING_NORM_TYPES = (nn.LayerNorm, nn.RMSNorm)
@@ -67,7 +68,7 @@ class _OutputHook:
         self.record, self.nodes = record, nodes
 
     def __call__(self, grad: torch.Tensor) -> None:
-        if not any(_will_run(n) for n in self.nodes):
+        if self.nodes is not None and not any(_will_run(n) for n in self.nodes):
             return
         task, parts = _task(), self.record.parts
         g = grad.detach()
@@ -90,10 +91,14 @@ class _ForwardHook:
 class _Track:
     """The backward passes whose contributions one parameter's ``.grad`` still holds."""
 
-    __slots__ = ("param", "node", "handle", "tasks", "snap", "last_task")
+    __slots__ = ("param", "node", "handle", "tasks", "snap", "last_task", "sharded")
 
     def __init__(self, param: torch.Tensor, node) -> None:
         self.param, self.node, self.handle = param, node, None
+        # an FSDP2 parameter (DTensor): its AccumulateGrad node never runs (FSDP2 accumulates into an unsharded
+        # copy and sets the sharded .grad itself), so its passes cannot be followed: every pass since the last
+        # step or zero_grad() counts
+        self.sharded = is_dtensor(param)
         self.tasks: set[int] = set()
         # (.grad's TensorImpl address, its _version, whether it is a view) at the end of the last pass
         self.snap: tuple | None = None
@@ -232,7 +237,8 @@ class Capture:
         if records and _task() == -1:  # not during a backward (checkpointing's recomputation)
             records[:] = [r for r in records if self._alive(r, tracks)]
         record = Record(inputs[0].detach())
-        hook = _OutputHook(record, [t.node for t in tracks])
+        # FSDP2 accumulates into its unsharded copies, not the sharded parameters we track: every pass counts
+        hook = _OutputHook(record, None if any(t.sharded for t in tracks) else [t.node for t in tracks])
         record.graph = weakref.ref(hook)
         output.register_hook(hook)
         records.append(record)
@@ -274,6 +280,8 @@ class Capture:
         t = self._tracks.get(id(param))
         if t is None or t.param is not param:
             return 0
+        if t.sharded:
+            return 1
         if not t.intact(check_version=False):
             t.tasks.clear()
         return len(t.tasks)
@@ -282,13 +290,13 @@ class Capture:
         """``(input, output gradient)`` of ``module``'s records, summed over the passes that ``param.grad``
         holds (call :meth:`passes` first); records without such a pass are left out."""
         t = self._tracks.get(id(param))
-        if t is None or t.param is not param or not t.tasks:
+        if t is None or t.param is not param or not (t.tasks or t.sharded):
             return []
         out = []
         for r in self.records.get(module, ()):
             g = None
             for task, part in r.parts:
-                if task in t.tasks:
+                if t.sharded or task in t.tasks:
                     g = part if g is None else g + part
             if g is not None:
                 out.append((r.input, g))

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+LOSS_REDUCTIONS = ("mean", "sum")
 HYPERPARAMETERS = ("lr", "momentum", "damping", "stat_decay", "weight_decay", "block_size")
 # keys a param group may carry besides the hyperparameters: torch.optim's names, lr schedulers' initial_lr
 GROUP_KEYS = frozenset(HYPERPARAMETERS) | {"params", "param_names", "name", "initial_lr"}

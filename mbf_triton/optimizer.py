@@ -17,7 +17,6 @@ the GPU; the host reads the flag at the next step and settles its counters then.
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from . import distributed, skipflag
 from . import hyperparameters as hp
 from . import reference as ref
 from . import statistics as stats
@@ -35,7 +35,6 @@ from .backends import BACKENDS, get_backend
 from .blocks import Layout, layout_for
 from .capture import Capture
 
-LOSS_REDUCTIONS = ("mean", "sum")
 _FP32_STATE = ("F", "momentum_buffer")  # kept in fp32 whatever the parameter's dtype
 
 
@@ -69,29 +68,6 @@ class _Plan:
     batches: list[_Batch]
 
 
-@dataclass
-class _DiagBatch:
-    """The 1x1-block statistics of one device and decay, folded into ``F`` by one ``diag_fisher_ema_``:
-    parameters without per-sample data (their batch gradient) and layer biases (their batch statistic)."""
-
-    grad_fs: list[torch.Tensor]
-    grads: list[torch.Tensor]
-    fhat_fs: list[torch.Tensor]
-    fhats: list[torch.Tensor]
-    states: list[dict[str, Any]]
-
-
-@dataclass(eq=False)  # compared by identity (list.remove in _settle)
-class _Unsettled:
-    """A step whose skip flag the host has not read yet: its counters are provisional until then."""
-
-    flag: torch.Tensor  # the flag, on the host (a pinned copy of the device's) once ``event`` has completed
-    event: Any  # torch.cuda.Event recorded after the copy, or None when ``flag`` can be read as it is
-    counted: list[tuple[dict[str, Any], torch.Tensor]]  # (state, its F) whose ``stat_steps`` the step counted
-    first_statistics: bool  # some of them started their statistics in this step
-    counts_step: bool = True  # False for a step that raised: ``steps`` was not incremented
-
-
 class MBF(Optimizer):
     """Mini-block Fisher optimizer.
 
@@ -113,6 +89,10 @@ class MBF(Optimizer):
             if it is the sum: it sets how per-sample gradients are recovered from the batch gradient.
         backend: ``"auto"`` (Triton kernels for CUDA tensors when triton is installed, else torch),
             ``"torch"`` (the reference path, any device) or ``"triton"``.
+        process_group: data parallelism (:mod:`mbf_triton.distributed`): ``"auto"`` (DDP's group, the FSDP2
+            mesh's, or the default group of an initialised torch.distributed), or ``None`` (no communication).
+        shard_curvature: under DDP, each rank keeps and updates the curvature and momentum of 1/world of
+            the mini-blocks, and the parameters are all-gathered (ZeRO-style); FSDP2 always shards them.
     """
 
     def __init__(
@@ -129,13 +109,15 @@ class MBF(Optimizer):
         stat_every: int = 10,
         loss_reduction: str = "mean",
         backend: str = "auto",
+        process_group: Any = "auto",
+        shard_curvature: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if isinstance(stat_every, bool) or not isinstance(stat_every, int) or stat_every < 1:
             raise ValueError(f"stat_every={stat_every!r} must be an integer >= 1")
-        if loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(f"loss_reduction={loss_reduction!r} must be one of {LOSS_REDUCTIONS}")
+        if loss_reduction not in hp.LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction={loss_reduction!r} must be one of {hp.LOSS_REDUCTIONS}")
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
         if params is None:
@@ -151,6 +133,11 @@ class MBF(Optimizer):
         self.backend = backend
         del self._constructing
         all_params = [p for g in self.param_groups for p in g["params"]]
+        # None in one process; else the group, the mode and which mini-blocks this rank owns
+        self._dp = distributed.resolve(model, all_params, process_group, bool(shard_curvature))
+        if shard_curvature and (self._dp is None or self._dp.mode != "sharded"):
+            raise ValueError("shard_curvature=True needs DDP (or an initialised process group of several ranks); "
+                             "FSDP2 shards the curvature by itself")
         self._capture = Capture(model, params=all_params)
         self._capture.attach(self, all_params)
         # the hooks hold the capture, not the optimizer: an optimizer that is dropped takes its hooks along
@@ -161,7 +148,7 @@ class MBF(Optimizer):
         # with gradients, both kinds (the statistics schedule counts these: the host decides what to capture
         # before it knows whether the last step was skipped)
         self._counters = {"step": 0, "skipped_steps": 0, "calls": 0}
-        self._unsettled: list[_Unsettled] = []
+        self._unsettled: list[skipflag.Unsettled] = []
         self._fallback_total: dict[torch.device, torch.Tensor] = {}
         self._fallback_step: dict[torch.device, torch.Tensor] = {}
         self._sync_capture()
@@ -205,6 +192,7 @@ class MBF(Optimizer):
         self._sync_capture()
 
     def state_dict(self) -> dict[str, Any]:
+        """As torch.optim's, plus the counters; data parallel, as one process would hold it (a collective)."""
         self._settle()
         sd = super().state_dict()
         sd["mbf"] = {
@@ -213,12 +201,17 @@ class MBF(Optimizer):
             "stat_every": self.stat_every,
             "loss_reduction": self.loss_reduction,
         }
+        if self._dp is not None:  # the counters also in the groups: DCP's get_optimizer_state_dict keeps only those
+            sd = {**self._dp.full_state_dict(sd, self._assign_rows(), self.layout),
+                  "param_groups": [{**g, "mbf": sd["mbf"]} for g in sd["param_groups"]]}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._settle()  # the counters are exact if the checkpoint carries none
         state_dict = dict(state_dict)
-        extra = state_dict.pop("mbf", None)
+        groups = state_dict["param_groups"]  # the counters also ride in a data-parallel checkpoint's groups
+        extra = state_dict.pop("mbf", None) or next((g["mbf"] for g in groups if "mbf" in g), None)
+        state_dict["param_groups"] = [{k: v for k, v in g.items() if k != "mbf"} for g in groups]
         # torch.optim casts floating state to the parameter's dtype; the curvature and momentum must stay
         # fp32 (bit-exact resume of bf16 models), so they bypass that and only move device.
         saved_state = {pid: dict(s) for pid, s in state_dict["state"].items()}
@@ -229,8 +222,12 @@ class MBF(Optimizer):
             hp.check_group(group)
         ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
+        if self._dp is not None:
+            self._assign_rows()
         for pid, p in zip(ids, params):
             for k, v in kept.get(pid, {}).items():
+                if self._dp is not None:  # this rank's rows of a whole checkpoint
+                    v = self._dp.local_state(p, self.layout(p), k, v)
                 self.state[p][k] = v.to(device=p.device, dtype=torch.float32)
         if extra is not None:
             step, skipped = int(extra["step"]), int(extra["skipped_steps"])
@@ -312,7 +309,10 @@ class MBF(Optimizer):
             grads = [p.grad for _, p in active]
             # Non-finite gradients skip the whole step on the device: every kernel and reference op that
             # writes state reads this flag, so the host does not wait for the check.
+            grads = [distributed.local(p.grad) for _, p in active]
             skip = self._nonfinite_flags(grads, found_inf)
+            if self._dp is not None:  # the same decision on every rank
+                skip = {device: self._dp.agree(flag) for device, flag in skip.items()}
             inv_scale = self._unscale_(grads, grad_scale)
             # everything that can fail is resolved before the first parameter changes: no partial steps
             plan = self._plan(active)
@@ -321,15 +321,26 @@ class MBF(Optimizer):
             scheduled: list[dict[str, Any]] = []  # states whose statistics ran: their next ones are scheduled
             first = False
             try:
-                diag: dict[tuple, _DiagBatch] = {}  # (device, decay) -> the 1x1-block statistics done together
-                for entry in plan.entries:
-                    first |= self._statistics(entry, diag, skip, counted, scheduled, inv_scale)
+                diag: dict[tuple, stats.DiagBatch] = {}  # (device, decay) -> the 1x1-block statistics done together
+                jobs = [(entry, *job) for entry in plan.entries
+                        if (job := self._statistics_job(entry, inv_scale)) is not None]
+                shared = [(e.param, e.layout, self.state[e.param]["F"], decay) for e, records, decay, _ in jobs
+                          if records]
+                # data parallel: the bucket the per-sample statistics go to, averaged across the ranks
+                exchange = distributed.exchange(self._dp, shared)  # in one process: nothing to exchange
+                for entry, records, decay, passes in jobs:
+                    scheduled.append(self.state[entry.param])
+                    first |= self._statistics(entry, records, decay, passes, diag, skip, counted, exchange)
+                exchange.start()  # async: the local 1x1 statistics below overlap it
                 for (device, decay), d in diag.items():
                     ref.diag_fisher_ema_(d.grad_fs + d.fhat_fs, d.grads, decay, skip[device], fhats=d.fhats)
                     for state in d.states:
                         first |= self._count_statistic(state, counted)
+                exchange.finish(skip)
                 for batch in plan.batches:
                     self._apply(batch, lrs[id(batch.group)], skip[batch.members[0].param.device])
+                if self._dp is not None:
+                    self._dp.gather_parameters([(e.param, e.layout) for e in plan.entries])
             except BaseException:
                 # Statistics counted before the error were not folded in if the step was skipped: settle
                 # them now (a wait on the error path only). The call counts as no step either way.
@@ -376,52 +387,10 @@ class MBF(Optimizer):
                     break
         self._capture.wanted = wanted
 
-    @staticmethod
-    def _nonfinite_flags(grads: list[torch.Tensor], found_inf: torch.Tensor | None = None,
-                         ) -> dict[torch.device, torch.Tensor]:
-        """Per device of ``grads``, a one-element bool flag, true if any gradient entry (on any device) is NaN
-        or Inf (max |g| is then NaN or Inf), or if GradScaler's ``found_inf`` is set. A few small launches, no
-        host synchronisation."""
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for g in grads:
-            by_device.setdefault(g.device, []).append(g)
-        # max |g| < inf is false for NaN and Inf (two ops where isfinite takes four)
-        bad = {device: (torch.stack(torch._foreach_norm(gs, math.inf)) < math.inf).all().logical_not()
-               for device, gs in by_device.items()}
-        if found_inf is not None:
-            bad = {device: b | (found_inf.to(device, non_blocking=True).reshape(()) > 0) for device, b in bad.items()}
-        if len(bad) > 1:  # one step on several devices: skipped everywhere or nowhere
-            anywhere = [torch.stack([b.to(device) for b in bad.values()]).any() for device in bad]
-            bad = dict(zip(bad, anywhere))
-        return {device: b.reshape(1) for device, b in bad.items()}
-
-    @staticmethod
-    def _unscale_(grads: list[torch.Tensor], grad_scale: torch.Tensor | None,
-                  ) -> dict[torch.device, torch.Tensor] | None:
-        """Divide the gradients by GradScaler's scale in place, on the device; per device, the inverse scale
-        (a 0-dim fp32 tensor) that the captured output gradients are multiplied by too (None: no scaler)."""
-        if grad_scale is None:
-            return None
-        inv = grad_scale.double().reciprocal().float().reshape(())
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for g in grads:
-            by_device.setdefault(g.device, []).append(g)
-        invs = {device: inv.to(device, non_blocking=True) for device in by_device}
-        for device, gs in by_device.items():
-            torch._foreach_mul_(gs, invs[device])
-        return invs
-
-    @staticmethod
-    def _unsettled_step(skip: dict[torch.device, torch.Tensor], counted: list, first: bool,
-                        counts_step: bool = True) -> _Unsettled:
-        flag = next(iter(skip.values()))  # the same value on every device
-        if flag.device.type != "cuda":
-            return _Unsettled(flag, None, counted, first, counts_step)
-        host = torch.empty(1, dtype=torch.bool, pin_memory=True)
-        host.copy_(flag, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(flag.device))
-        return _Unsettled(host, event, counted, first, counts_step)
+    # the device-side skip flag (mbf_triton.skipflag); class attributes, so that tests and tools can wrap them
+    _nonfinite_flags = staticmethod(skipflag.nonfinite_flags)
+    _unscale_ = staticmethod(skipflag.unscale_)
+    _unsettled_step = staticmethod(skipflag.unsettled_step)
 
     def _settle(self, wait: bool = True) -> None:
         """Read the skip flags of past steps and correct their provisional counters: a skipped step moves
@@ -456,7 +425,7 @@ class MBF(Optimizer):
         then a few dictionary reads: the optimizer's host time matters on launch-bound models)."""
         # the groups are held by the plan, so their ids in the key cannot be reused while it lives
         key = (self.backend, tuple(g["block_size"] for g in self.param_groups),
-               tuple((id(g), id(p), p.data_ptr(), p.dtype, p.shape, p.stride()) for g, p in active))
+               tuple((id(g), id(p), distributed.local(p).data_ptr(), p.dtype, p.shape, p.stride()) for g, p in active))
         plan = self._plan_cache
         if plan is not None and plan.key == key:
             for entry in plan.entries:  # state reset by the caller, or a checkpoint loaded on another device
@@ -465,6 +434,8 @@ class MBF(Optimizer):
                     self._prepare_state(entry)
             return plan
         self._capture.track(p for _, p in active)  # e.g. unfrozen since: count its backward passes from now
+        if self._dp is not None:
+            self._assign_rows()
         entries = []
         batches: dict[tuple, _Batch] = {}
         for group, p in active:
@@ -478,20 +449,29 @@ class MBF(Optimizer):
         self._plan_cache = _Plan(key, entries, list(batches.values()))
         return self._plan_cache
 
+    def _assign_rows(self) -> list[torch.Tensor]:
+        """Data parallel: which rows of every parameter each rank owns; returns the parameters, in order."""
+        self._dp.assign([(p, layout_for(p, self._capture.module_of(p), g["block_size"]))
+                         for g in self.param_groups for p in g["params"] if p.numel() > 0])
+        return [p for g in self.param_groups for p in g["params"]]
+
     def _prepare_state(self, entry: _Entry) -> None:
         """The state of ``entry``'s parameter, created or moved to its device, and checked."""
         p, layout = entry.param, entry.layout
         state = self.state[p]
+        # data parallel with sharded curvature: F and the momentum of the rows this rank owns
+        n_rows = layout.rows if self._dp is None else self._dp.owned_rows(p, layout)
         if not state:
-            state["F"] = torch.zeros(layout.n_blocks, layout.tri, dtype=torch.float32, device=p.device)
-            state["momentum_buffer"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            state["F"] = torch.zeros(n_rows * layout.n_chunks, layout.tri, dtype=torch.float32, device=p.device)
+            shape = p.shape if n_rows == layout.rows else (n_rows, layout.cols)
+            state["momentum_buffer"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
             state["stat_steps"] = 0
             state["calls"] = state["stat_next"] = 0  # the parameter's own statistics schedule
         self._schedule_defaults(state)
         for key in _FP32_STATE:  # e.g. a checkpoint loaded before model.cuda()
             if state[key].device != p.device:
                 state[key] = state[key].to(p.device)
-        if state["F"].shape != (layout.n_blocks, layout.tri):
+        if state["F"].shape != (n_rows * layout.n_chunks, layout.tri):
             raise ValueError(
                 f"curvature state of shape {tuple(state['F'].shape)} does not match the parameter's mini-block "
                 f"layout {layout} (was block_size changed after the first step?)"
@@ -502,17 +482,15 @@ class MBF(Optimizer):
             calls = self._counters["calls"]
             state["calls"], state["stat_next"] = calls, -(-calls // self.stat_every) * self.stat_every
 
-    def _statistics(self, entry: _Entry, diag: dict[tuple, _DiagBatch], skip: dict[torch.device, torch.Tensor],
-                    counted: list[tuple[dict[str, Any], torch.Tensor]], scheduled: list[dict[str, Any]],
-                    inv_scale: dict[torch.device, torch.Tensor] | None) -> bool:
-        """Fold this step's batch Fisher into ``F`` when the parameter's own schedule asks for it (its first
-        step with statistics, then every ``stat_every`` of its steps). 1x1-block statistics formed by torch
-        ops (norm scales, biases, batch gradients) are collected in ``diag`` (done together); the states
-        whose ``stat_steps`` this counts go to ``counted``. True if this is ``F``'s first statistic."""
-        p, module, layout = entry.param, entry.module, entry.layout
+    def _statistics_job(self, entry: _Entry, inv_scale: dict[torch.device, torch.Tensor] | None,
+                        ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float, int] | None:
+        """None, or ``(records, decay, passes)`` if this step folds a batch Fisher into ``F``: the parameter's
+        own schedule asks for it (its first step with statistics, then every ``stat_every`` of its steps) and
+        the per-sample data it needs was captured."""
+        p, module = entry.param, entry.module
         state = self.state[p]
         if not (state["stat_steps"] == 0 or state["calls"] >= state["stat_next"]):
-            return False
+            return None
         passes = self._capture.passes(p)  # also notices a .grad replaced since the last backward
         records = self._records(module, p, inv_scale) if module is not None else []
         if module is not None and not records and self._capture.seen(module):
@@ -520,27 +498,42 @@ class MBF(Optimizer):
             # skipped when it was captured, an autograd.grad-only pass): it stays due and is captured, so its
             # statistics come at its next step with captured data. Until its first, F = 0 (damping only):
             # the batch gradient would be a ~N times too small estimate.
-            return False
-        scheduled.append(state)
-        decay = entry.group["stat_decay"] if state["stat_steps"] > 0 else 0.0
+            return None
+        return records, entry.group["stat_decay"] if state["stat_steps"] > 0 else 0.0, passes
+
+    def _statistics(self, entry: _Entry, records: list[tuple[torch.Tensor, torch.Tensor]], decay: float,
+                    passes: int, diag: dict[tuple, stats.DiagBatch], skip: dict[torch.device, torch.Tensor],
+                    counted: list[tuple[dict[str, Any], torch.Tensor]],
+                    exchange: distributed.Exchange = distributed.NO_EXCHANGE) -> bool:
+        """Fold this step's batch Fisher into ``F`` (or, data parallel, write the local one to ``exchange``,
+        which averages and folds it). 1x1-block statistics formed by torch ops (norm scales, biases, batch
+        gradients) are collected in ``diag`` (done together); the states whose ``stat_steps`` this counts go
+        to ``counted``. True if this is ``F``'s first statistic."""
+        p, module, layout = entry.param, entry.module, entry.layout
+        state = self.state[p]
+        if exchange.active and records:
+            slot = exchange.slot(p)  # NaN-filled: what no statistic reaches stays non-finite
+            fhat = stats.batch_statistics(entry.backend, p, module, layout, slot, 0.0, records, skip[p.device],
+                                          self.loss_reduction)
+            if fhat is not None:
+                slot.copy_(fhat)
+            return self._count_statistic(state, counted)
         if layout.kind == "diag":
             # 1x1 blocks whose statistic torch ops form (norm scales, biases, batch gradients): folded together
             # with the others of this device and decay; the caller counts them
-            d = diag.setdefault((p.device, decay), _DiagBatch([], [], [], [], []))
+            d = diag.setdefault((p.device, decay), stats.DiagBatch([], [], [], [], []))
             if records:
                 d.fhat_fs.append(state["F"])
-                d.fhats.append(self._batch_statistics(entry.backend, p, module, layout, state["F"], decay, records,
-                                                      skip[p.device]))
+                d.fhats.append(stats.batch_statistics(entry.backend, p, module, layout, state["F"], decay, records,
+                                                      skip[p.device], self.loss_reduction))
             else:
                 d.grad_fs.append(state["F"])
-                d.grads.append(stats.mean_gradient(p.grad, passes, self.loss_reduction))
+                d.grads.append(self._owned(entry, stats.mean_gradient(p.grad, passes, self.loss_reduction)))
             d.states.append(state)
             return False
-        if not records:
-            g = stats.mean_gradient(p.grad, passes, self.loss_reduction).contiguous()
-            fhat = ref.outer_fisher(ref.to_blocks(layout.matrix(g).float(), layout.b)[None])
-        else:
-            fhat = self._batch_statistics(entry.backend, p, module, layout, state["F"], decay, records, skip[p.device])
+        grad = None if records else self._owned(entry, stats.mean_gradient(p.grad, passes, self.loss_reduction))
+        fhat = stats.batch_statistics(entry.backend, p, module, layout, state["F"], decay, records, skip[p.device],
+                                      self.loss_reduction, grad=grad)
         if fhat is not None:  # formed by torch ops: no kernel folded it in
             ref.fisher_ema_(state["F"], fhat, decay, skip[p.device])
         return self._count_statistic(state, counted)
@@ -552,6 +545,11 @@ class MBF(Optimizer):
         if inv_scale is None:
             return records
         return [(x, g.float() * inv_scale[g.device]) for x, g in records]
+
+    def _owned(self, entry: _Entry, t: torch.Tensor) -> torch.Tensor:
+        """The rows of ``entry``'s parameter or gradient ``t`` whose curvature this rank keeps, as a matrix."""
+        t = distributed.local(t).contiguous()
+        return entry.layout.matrix(t) if self._dp is None else self._dp.owned(t, entry.param, entry.layout)
 
     @staticmethod
     def _count_statistic(state: dict[str, Any], counted: list[tuple[dict[str, Any], torch.Tensor]]) -> bool:
@@ -567,15 +565,19 @@ class MBF(Optimizer):
         for entry in batch.members:
             p, layout = entry.param, entry.layout
             state = self.state[p]
+            if state["F"].shape[0] == 0:  # sharded curvature: none of its rows is this rank's
+                continue
             buf = state["momentum_buffer"]
             if entry.momentum_view is None or entry.momentum_view[0] is not buf:
-                entry.momentum_view = (buf, layout.matrix(buf))
-            data = p.data  # a new tensor object at every access: read it once
+                entry.momentum_view = (buf, buf.view(-1, layout.cols))
+            data = distributed.local(p.data)  # a new tensor object at every access: read it once
             if not data.is_contiguous():  # updated through a contiguous copy, written back below
                 data = data.contiguous()
                 copies.append((p, data))
-            grad = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
-            items.append((state["F"], layout.matrix(grad), layout.matrix(data), entry.momentum_view[1]))
+            grad = self._owned(entry, p.grad)
+            items.append((state["F"], grad, self._owned(entry, data), entry.momentum_view[1]))
+        if not items:
+            return
         group = batch.group
         batch.backend.block_update_group_(
             items, self._fallback_counter(batch.members[0].param.device)[0], b=batch.b,
@@ -583,10 +585,6 @@ class MBF(Optimizer):
             skip=skip,
         )
         for p, work in copies:
-            p.data.copy_(work)
+            distributed.local(p.data).copy_(work)
 
     # ------------------------------------------------------------------ statistics
-    def _batch_statistics(self, backend, p: torch.Tensor, module: nn.Module, layout: Layout, f: torch.Tensor,
-                          decay: float, records: list[tuple[torch.Tensor, torch.Tensor]], skip: torch.Tensor,
-                          ) -> torch.Tensor | None:
-        return stats.batch_statistics(backend, p, module, layout, f, decay, records, skip, self.loss_reduction)

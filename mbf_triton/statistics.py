@@ -18,6 +18,9 @@ no per-sample data exists, the batch gradient stands in for one sample (:func:`m
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as tnf
 from torch import nn
@@ -27,6 +30,18 @@ from .blocks import CONV_TYPES, Layout
 from .capture import NORM_TYPES, TRAILING_NORM_TYPES
 
 Records = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class DiagBatch:
+    """The 1x1-block statistics of one device and decay, folded into ``F`` by one ``diag_fisher_ema_``:
+    parameters without per-sample data (their batch gradient) and layer biases (their batch statistic)."""
+
+    grad_fs: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    fhat_fs: list[torch.Tensor]
+    fhats: list[torch.Tensor]
+    states: list[dict[str, Any]]
 
 
 def sample_scale(n: int, reduction: str) -> float:
@@ -44,11 +59,15 @@ def mean_gradient(grad: torch.Tensor, passes: int, reduction: str) -> torch.Tens
     return grad
 
 
-def batch_statistics(backend, p: torch.Tensor, module: nn.Module, layout: Layout, f: torch.Tensor, decay: float,
-                     records: Records, skip: torch.Tensor, reduction: str) -> torch.Tensor | None:
+def batch_statistics(backend, p: torch.Tensor, module: nn.Module | None, layout: Layout, f: torch.Tensor,
+                     decay: float, records: Records, skip: torch.Tensor, reduction: str,
+                     grad: torch.Tensor | None = None) -> torch.Tensor | None:
     """This step's batch Fisher of ``p`` from its per-sample data: folded into ``f`` by the backend's kernel
     (returns None), or returned packed, ``(n_blocks, T)``, where torch ops form it (biases, norms, rare
-    paths)."""
+    paths). Without ``records``, ``grad`` (the ``(rows, cols)`` mean gradient rows, :func:`mean_gradient`)
+    stands in for one sample: ``Fhat_i = g_i g_i^T``."""
+    if not records:
+        return ref.outer_fisher(ref.to_blocks(grad.float(), layout.b)[None])
     if isinstance(module, NORM_TYPES):
         return norm_statistics(p, module, records, reduction)
     if isinstance(module, CONV_TYPES):
@@ -76,7 +95,7 @@ def conv_statistics(backend, p, module, layout, f, decay, records: Records, skip
                    for x, g in zip(xs, gs)) / n_total
     x, gout, scale = _pool(xs, gs, reduction)
     if p is module.weight:
-        backend.conv_fisher_ema_(f, x, gout, geometry=conv_geometry(module), groups=module.groups,
+        backend.conv_fisher_ema_(f, x, gout, geometry=ref.ConvGeometry.of(module), groups=module.groups,
                                  scale=scale, decay=decay, skip=skip)
         return None
     return _conv_fhat(p, module, x, gout, scale)
@@ -85,7 +104,7 @@ def conv_statistics(backend, p, module, layout, f, decay, records: Records, skip
 def _conv_fhat(p, module, x, gout, scale: float) -> torch.Tensor:
     """Reference batch Fisher of a conv weight or bias (rare paths: bias, mixed spatial sizes)."""
     if p is module.weight:
-        return ref.conv_fisher(conv_geometry(module).patches(x), gout, module.groups, scale)
+        return ref.conv_fisher(ref.ConvGeometry.of(module).patches(x), gout, module.groups, scale)
     per_sample = gout.float().flatten(2).sum(dim=2).mul_(scale)  # (N, C_out)
     return per_sample.square().mean(dim=0)[:, None]
 
@@ -132,18 +151,3 @@ def _pool(xs: list[torch.Tensor], gs: list[torch.Tensor], reduction: str,
         return xs[0], gs[0], sample_scale(xs[0].shape[0], reduction)
     gs = [g * sample_scale(g.shape[0], reduction) for g in gs]
     return torch.cat(xs), torch.cat(gs), 1.0
-
-
-def _conv_padding(module: nn.Module) -> tuple[tuple[int, int], ...]:
-    k, dil = module.kernel_size, module.dilation
-    if isinstance(module.padding, str):
-        if module.padding == "valid":
-            return tuple((0, 0) for _ in k)
-        total = [di * (ki - 1) for ki, di in zip(k, dil)]  # "same"
-        return tuple((t // 2, t - t // 2) for t in total)
-    return tuple((pi, pi) for pi in module.padding)
-
-
-def conv_geometry(module: nn.Module) -> ref.ConvGeometry:
-    return ref.ConvGeometry(tuple(module.kernel_size), tuple(module.stride), _conv_padding(module),
-                            tuple(module.dilation), module.padding_mode)

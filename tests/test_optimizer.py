@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mbf_triton import MBF
+from mbf_triton import statistics as stats
 
 
 def small_cnn(seed: int = 0) -> nn.Module:
@@ -563,20 +564,20 @@ def test_parameter_memory_freed_in_place_and_reallocated():
     assert (w != 0).all()
 
 
-def test_failed_statistics_step_leaves_first_estimates_pending():
+def test_failed_statistics_step_leaves_first_estimates_pending(monkeypatch):
     """If a later layer's statistics raise (e.g. out of memory, caught by the loop), parameters whose
     batched 1x1 statistics did not run are not counted as having a first estimate."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 3))
     opt = MBF(model, backend="torch", stat_every=1)
-    real = opt._batch_statistics
+    real = stats.batch_statistics
 
     def flaky(backend, p, *args, **kw):
         if p is model[1].weight:
             raise RuntimeError("out of memory (simulated)")
         return real(backend, p, *args, **kw)
 
-    opt._batch_statistics = flaky
+    monkeypatch.setattr(stats, "batch_statistics", flaky)
     model(torch.randn(8, 4)).pow(2).mean().backward()
     with pytest.raises(RuntimeError, match="simulated"):
         opt.step()
