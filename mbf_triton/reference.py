@@ -167,6 +167,19 @@ class ConvGeometry:
         object.__setattr__(self, "padding", tuple((int(lo), int(hi)) for lo, hi in self.padding))
         object.__setattr__(self, "dilation", tuple(int(d) for d in self.dilation))
 
+    @classmethod
+    def of(cls, module) -> ConvGeometry:
+        """The geometry of an ``nn.Conv1d/2d/3d`` (string paddings resolved as PyTorch does)."""
+        k, dil = module.kernel_size, module.dilation
+        if module.padding == "valid":
+            padding = tuple((0, 0) for _ in k)
+        elif module.padding == "same":
+            total = [di * (ki - 1) for ki, di in zip(k, dil)]
+            padding = tuple((t // 2, t - t // 2) for t in total)
+        else:
+            padding = tuple((pi, pi) for pi in module.padding)
+        return cls(tuple(k), tuple(module.stride), padding, tuple(dil), module.padding_mode)
+
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         """:func:`conv_patches` of ``x`` under this geometry."""
         return conv_patches(x, self.kernel_size, self.stride, self.padding, self.dilation, self.padding_mode)

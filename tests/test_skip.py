@@ -17,7 +17,7 @@ import torch
 from conftest import HAS_CUDA, INTERPRET, kernel_device
 from torch import nn
 
-from mbf_triton import MBF
+from mbf_triton import MBF, statistics
 from mbf_triton import reference as ref
 
 SET = torch.ones(1, dtype=torch.uint8)
@@ -364,16 +364,16 @@ def test_a_step_that_raises_after_skipped_statistics_uncounts_them(monkeypatch):
     _late_flags(monkeypatch)
     model, clean = _convnet(), _convnet()
     opt = MBF(model, lr=0.05, damping=0.1, backend="torch")
-    real = MBF._linear_statistics
+    real = statistics.linear_statistics
 
-    def boom(self, *args, **kwargs):
+    def boom(*args, **kwargs):
         raise RuntimeError("out of memory (simulated)")
 
     _backward(model, 0, "cpu", poison=True)
-    monkeypatch.setattr(MBF, "_linear_statistics", boom)
+    monkeypatch.setattr(statistics, "linear_statistics", boom)
     with pytest.raises(RuntimeError, match="simulated"):
         opt.step()
-    monkeypatch.setattr(MBF, "_linear_statistics", real)
+    monkeypatch.setattr(statistics, "linear_statistics", real)
     assert opt.state[model[0].weight]["stat_steps"] == 0
     assert (opt.steps, opt.skipped_steps, opt._counters["calls"]) == (0, 0, 0)
     ref_opt = MBF(clean, lr=0.05, damping=0.1, backend="torch")
