@@ -13,6 +13,7 @@ other. :func:`get_backend` is the only place that decides which one runs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import weakref
@@ -38,7 +39,7 @@ class TorchBackend:
         self, f: torch.Tensor, x: torch.Tensor, gout: torch.Tensor, *, b: int, scale: float, decay: float,
         skip: torch.Tensor | None = None,
     ) -> None:
-        skipped, skip = ref.host_skip(skip)
+        skipped, skip = self._host_skip(skip)
         if not skipped:
             ref.fisher_ema_(f, ref.linear_fisher(x, gout, b, scale), decay, skip)
 
@@ -46,7 +47,7 @@ class TorchBackend:
         self, f: torch.Tensor, x: torch.Tensor, gout: torch.Tensor, *, geometry: ref.ConvGeometry, groups: int,
         scale: float, decay: float, skip: torch.Tensor | None = None,
     ) -> None:
-        skipped, skip = ref.host_skip(skip)
+        skipped, skip = self._host_skip(skip)
         if not skipped:
             ref.fisher_ema_(f, ref.conv_fisher(geometry.patches(x), gout, groups, scale), decay, skip)
 
@@ -83,7 +84,7 @@ class TorchBackend:
         """:meth:`block_update_` for several ``(f, grad, param, momentum_buffer)`` of one block size, dtype,
         device and hyperparameters: one batched solve over all their mini-blocks (the Triton backend does
         them in one launch)."""
-        skipped, skip = ref.host_skip(skip)
+        skipped, skip = self._host_skip(skip)
         if skipped:
             return
         grads = [ref.to_blocks(grad.float(), b) for _, grad, _, _ in items]
@@ -106,20 +107,33 @@ class TorchBackend:
     # and damping is the same. A kernel that writes F through a pointer does not bump it: the Triton
     # backend, whose statistics kernels do, never reuses factors.
     reuse_factors = True
+    # A skip flag (and a factor's fallback mask) in host memory is read at no cost on the CPU: a set flag then
+    # skips the work, a clear one needs no guarded writes. The Triton backend reads no flag on the host (its
+    # work is meant to be queued without waiting, and its tests check that the step reads nothing).
+    reads_host_flags = True
+
+    def _host_skip(self, skip: torch.Tensor | None) -> tuple[bool, torch.Tensor | None]:
+        return ref.host_skip(skip) if self.reads_host_flags else (False, skip)
 
     def _factor(self, fs: list[torch.Tensor], b: int, damping: float) -> ref.BlockFactor:
         if not self.reuse_factors:
-            return ref.damped_cholesky(fs[0] if len(fs) == 1 else torch.cat(fs), b, damping)
+            return self._new_factor(fs, b, damping)
         key = tuple(id(f) for f in fs)
         stamp = (tuple(f._version for f in fs), tuple(f.data_ptr() for f in fs), damping)
         cache = self._factors
         hit = cache.get(key)
         if hit is not None and hit[1] == stamp and all(r() is f for r, f in zip(hit[0], fs)):
             return hit[2]
-        factor = ref.damped_cholesky(fs[0] if len(fs) == 1 else torch.cat(fs), b, damping)
+        factor = self._new_factor(fs, b, damping)
         if hit is None:  # the entry goes when the first F does (the rest are checked by their weak refs)
             weakref.finalize(fs[0], cache.pop, key, None)
         cache[key] = ([weakref.ref(f) for f in fs], stamp, factor)
+        return factor
+
+    def _new_factor(self, fs: list[torch.Tensor], b: int, damping: float) -> ref.BlockFactor:
+        factor = ref.damped_cholesky(fs[0] if len(fs) == 1 else torch.cat(fs), b, damping)
+        if self.reads_host_flags and factor.fallback.device.type == "cpu":  # no fallback: the solve skips a select
+            factor = dataclasses.replace(factor, any_fallback=bool(factor.fallback.any()))
         return factor
 
 
@@ -134,6 +148,7 @@ class TritonBackend(TorchBackend):
 
     name = "triton"
     reuse_factors = False  # the statistics kernels write F without bumping its version counter
+    reads_host_flags = False
 
     def __init__(self, tuner: Tuner | None = None) -> None:
         from .kernels import block_update, fisher_stats

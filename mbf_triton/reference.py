@@ -269,14 +269,12 @@ def fisher_ema_(f: torch.Tensor, fhat: torch.Tensor, decay: float, skip: torch.T
     reaches the curvature state. ``skip``: the step's device-side skip flag (one element, bool or uint8;
     non-zero: ``F`` is left as it is), read without a host synchronisation.
     """
-    skipped, skip = host_skip(skip)
-    if skipped:
-        return f
     fhat = fhat.to(f.dtype)
     new = fhat if decay == 0.0 else torch.lerp(fhat, f, decay)
-    if new.device.type == "cpu" and skip is None and torch.isfinite(new.sum()):
-        # one reduction answers for every block on the CPU (inf/NaN anywhere make the sum non-finite; a
-        # sum that overflows from finite entries takes the per-block path below)
+    if skip is None and new.device.type == "cpu" and torch.isfinite(new.sum()):
+        # no flag to honour (the torch backend read its host flag already): one reduction answers for every
+        # block on the CPU (inf/NaN anywhere make the sum non-finite; a sum that overflows from finite
+        # entries takes the per-block path below)
         f.copy_(new)
         return f
     # |x| < inf is false for NaN and +-Inf: torch.isfinite in two elementwise ops instead of four
@@ -331,12 +329,11 @@ class BlockFactor:
     chol: torch.Tensor
     fallback: torch.Tensor
     diag_denom: torch.Tensor
-    any_fallback: bool | None = None  # known without a device synchronisation (CPU tensors), else None
+    any_fallback: bool | None = None  # False: no block fell back (set by a caller that may read it), else None
 
     @classmethod
     def of(cls, b: int, chol: torch.Tensor, fallback: torch.Tensor, diag: torch.Tensor, damping: float):
-        known = bool(fallback.any()) if fallback.device.type == "cpu" else None
-        return cls(b, chol, fallback, diag.clamp(min=0).add_(damping), known)
+        return cls(b, chol, fallback, diag.clamp(min=0).add_(damping))
 
 
 def damped_cholesky(f: torch.Tensor, b: int, damping: float) -> BlockFactor:
