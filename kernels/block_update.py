@@ -129,19 +129,169 @@ def _solve_and_update(
 
 
 
+@triton.jit
+def _load_columns(ptr, off, start: tl.constexpr, LOG_W: tl.constexpr, limit, valid, BLOCKS: tl.constexpr):
+    """Columns ``start .. start+W-1`` (``W = 2**LOG_W``) of the rows ``ptr + off`` as a tuple of W
+    ``(BLOCKS,)`` fp32 vectors: one coalesced ``[BLOCKS, W]`` load (consecutive lanes read consecutive
+    addresses), then split into columns in registers (the compiler's layout change goes through shared
+    memory once, unless each lane's W entries are one vector). Entries at or past ``limit`` (per row; None:
+    no limit) read 0 and move no bytes."""
+    W: tl.constexpr = 1 << LOG_W
+    j = start + tl.arange(0, W)[None, :]
+    if limit is None:  # whole rows: a row mask only, so that aligned rows load as 8- or 16-byte vectors
+        tile = tl.load(ptr + off[:, None] + j, mask=valid[:, None], other=0.0)
+    else:
+        tile = tl.load(ptr + off[:, None] + j, mask=valid[:, None] & (j < limit[:, None]), other=0.0)
+    cols = (tile.to(tl.float32),)
+    for level in tl.static_range(LOG_W):  # cols[k] holds columns k::len(cols)
+        evens = ()
+        odds = ()
+        for k in tl.static_range(1 << level):
+            e, o = tl.split(tl.reshape(cols[k], [BLOCKS, W >> (level + 1), 2]))
+            evens = evens + (e,)
+            odds = odds + (o,)
+        cols = evens + odds
+    out = ()
+    for k in tl.static_range(W):
+        out = out + (tl.reshape(cols[k], [BLOCKS]),)
+    return out
+
+
+@triton.jit
+def _load_row(ptr, off, N: tl.constexpr, limit, valid, BLOCKS: tl.constexpr, LOG_CHUNK: tl.constexpr):
+    """The first ``N`` entries of the rows ``ptr + off`` as a tuple of N ``(BLOCKS,)`` vectors, loaded in
+    power-of-two chunks of at most ``2**LOG_CHUNK`` columns (an odd N such as 45 = 32 + 8 + 4 + 1 is not
+    padded)."""
+    out = ()
+    for c in tl.static_range(N >> LOG_CHUNK):
+        out = out + _load_columns(ptr, off, c << LOG_CHUNK, LOG_CHUNK, limit, valid, BLOCKS)
+    for bit in tl.static_range(LOG_CHUNK - 1, -1, -1):
+        if (N >> bit) & 1:
+            out = out + _load_columns(ptr, off, (N >> (bit + 1)) << (bit + 1), bit, limit, valid, BLOCKS)
+    return out
+
+
+@triton.jit
+def _store_columns(ptr, off, vals, first: tl.constexpr, LOG_W: tl.constexpr, limit, mask, BLOCKS: tl.constexpr):
+    """Store ``vals[first .. first+W-1]`` as columns ``first ..`` of the rows ``ptr + off``: the inverse of
+    :func:`_load_columns` (columns joined into one ``[BLOCKS, W]`` tile, one coalesced store)."""
+    W: tl.constexpr = 1 << LOG_W
+    cols = ()
+    for k in tl.static_range(W):
+        cols = cols + (tl.reshape(vals[first + k], [BLOCKS, 1]),)
+    for level in tl.static_range(LOG_W):  # cols[k] holds columns k::len(cols)
+        joined = ()
+        for k in tl.static_range(W >> (level + 1)):
+            joined = joined + (tl.reshape(tl.join(cols[k], cols[k + (W >> (level + 1))]), [BLOCKS, 2 << level]),)
+        cols = joined
+    j = first + tl.arange(0, W)[None, :]
+    tl.store(ptr + off[:, None] + j, cols[0].to(ptr.dtype.element_ty), mask=mask[:, None] & (j < limit[:, None]))
+
+
+@triton.jit
+def _store_row(ptr, off, vals, N: tl.constexpr, limit, mask, BLOCKS: tl.constexpr, LOG_CHUNK: tl.constexpr):
+    """The inverse of :func:`_load_row`: ``vals`` (N vectors) into the rows ``ptr + off`` where ``mask``."""
+    for c in tl.static_range(N >> LOG_CHUNK):
+        _store_columns(ptr, off, vals, c << LOG_CHUNK, LOG_CHUNK, limit, mask, BLOCKS)
+    for bit in tl.static_range(LOG_CHUNK - 1, -1, -1):
+        if (N >> bit) & 1:
+            _store_columns(ptr, off, vals, (N >> (bit + 1)) << (bit + 1), bit, limit, mask, BLOCKS)
+
+
+@triton.jit
+def _lane_solve_and_update(
+    f_ptr, g_ptr, p_ptr, m_ptr, blk0, n_blocks, keep, n_chunks, cols,
+    damping, lr, momentum, weight_decay,
+    B: tl.constexpr, T: tl.constexpr, BLOCKS: tl.constexpr, LOG_CHUNK: tl.constexpr,
+):
+    """:func:`_solve_and_update` with one mini-block per lane: every entry of a block is a ``(BLOCKS,)``
+    vector (one value per lane) and the factorisation is fully unrolled scalar code over the packed
+    triangle, ``b^3/6`` multiply-adds per block and no padding. Loads and stores are coalesced tiles split
+    into (joined from) columns in registers."""
+    # Blocks blk0 .. blk0 + BLOCKS - 1 (blk0 a multiple of BLOCKS). F rows from one scalar base with 32-bit
+    # offsets inside the program: fewer registers, and 16-byte loads where T % 4 == 0.
+    blk = blk0 + tl.arange(0, BLOCKS)
+    valid = blk < n_blocks
+    f_base = f_ptr + blk0 * T
+    f_off = tl.arange(0, BLOCKS) * T
+    a = _load_row(f_base, f_off, T, None, valid, BLOCKS, LOG_CHUNK)
+    r = blk // n_chunks
+    first = (blk - r * n_chunks) * B
+    voff = r * cols + first
+    vlim = cols - first  # entries of the block inside the row: B, or fewer in the short tail chunk
+    g = _load_row(g_ptr, voff, B, vlim, valid, BLOCKS, LOG_CHUNK)
+
+    # Cholesky by rows (packed order), forward substitution of row i right after it: l holds L in packed
+    # order with 1 / L_ii in place of the diagonal; y = L^{-1} g.
+    ok = valid | ~valid
+    l = ()
+    y = ()
+    for i in tl.static_range(B):
+        for j in tl.static_range(i + 1):
+            s = a[i * (i + 1) // 2 + j]
+            for k in tl.static_range(j):
+                s -= l[i * (i + 1) // 2 + k] * l[j * (j + 1) // 2 + k]
+            if j < i:
+                l = l + (s * l[j * (j + 1) // 2 + j],)
+            else:
+                pivot = s + damping
+                ok = ok & (pivot > 0.0) & (pivot <= 3.4028234663852886e38)
+                l = l + (tl.rsqrt(pivot),)
+        t = g[i]
+        for k in tl.static_range(i):
+            t -= l[i * (i + 1) // 2 + k] * y[k]
+        y = y + (t * l[i * (i + 1) // 2 + i],)
+
+    # back substitution L^T x = y, from the last row up; then fallback, momentum, decay, step
+    xr = ()  # xr[B - 1 - i] = x_i
+    for i in tl.static_range(B - 1, -1, -1):
+        t = y[i]
+        for k in tl.static_range(i + 1, B):
+            t -= l[k * (k + 1) // 2 + i] * xr[B - 1 - k]
+        xr = xr + (t * l[i * (i + 1) // 2 + i],)
+    # m and p only now: loaded earlier (the compiler hoists loads) they would hold 2b registers through the
+    # factorisation, which spills at b = 16
+    tl.debug_barrier()
+    m = _load_row(m_ptr, voff, B, vlim, valid, BLOCKS, LOG_CHUNK)
+    p = _load_row(p_ptr, voff, B, vlim, valid, BLOCKS, LOG_CHUNK)
+    # The diagonal fallback reloads diag(F) and g only in the lanes that fall back (no traffic otherwise),
+    # so that neither stays live in registers through the factorisation.
+    fb = valid & ~ok
+    new_m = ()
+    new_p = ()
+    for i in tl.static_range(B):
+        fd = tl.load(f_base + f_off + i * (i + 3) // 2, mask=fb, other=1.0)
+        gi = tl.load(g_ptr + voff + i, mask=fb & (i < vlim), other=0.0).to(tl.float32)
+        d = tl.where(ok, xr[B - 1 - i], gi / (tl.where(fd < 0.0, 0.0, fd) + damping))
+        mi = m[i] * momentum + d
+        new_m = new_m + (mi,)
+        new_p = new_p + (p[i] * (1.0 - lr * weight_decay) - lr * mi,)
+    store = tl.where(keep, valid, False)
+    _store_row(m_ptr, voff, new_m, B, vlim, store, BLOCKS, LOG_CHUNK)
+    _store_row(p_ptr, voff, new_p, B, vlim, store, BLOCKS, LOG_CHUNK)
+    return tl.sum(tl.where(keep, valid & ~ok, False).to(tl.int32), axis=0)
+
+
 @triton.jit(do_not_specialize=_RUNTIME_SCALARS)
 def _damped_block_update_kernel(
     f_ptr, g_ptr, p_ptr, m_ptr, count_ptr, skip_ptr,
     n_blocks, n_chunks, cols,
     damping, lr, momentum, weight_decay,
     B: tl.constexpr, B_PAD: tl.constexpr, T: tl.constexpr, BLOCKS: tl.constexpr, HAS_SKIP: tl.constexpr,
+    LANE: tl.constexpr = False, LOG_CHUNK: tl.constexpr = 5,
 ):
     pid = tl.program_id(0).to(tl.int64)
     blk = pid * BLOCKS + tl.arange(0, BLOCKS)  # (BLOCKS,) int64
-    n_fallback = _solve_and_update(
-        f_ptr, g_ptr, p_ptr, m_ptr, blk, blk < n_blocks, keep_step(skip_ptr, HAS_SKIP), n_chunks, cols,
-        damping, lr, momentum, weight_decay, B, B_PAD, T, BLOCKS,
-    )
+    if LANE:
+        n_fallback = _lane_solve_and_update(
+            f_ptr, g_ptr, p_ptr, m_ptr, pid * BLOCKS, n_blocks, keep_step(skip_ptr, HAS_SKIP), n_chunks, cols,
+            damping, lr, momentum, weight_decay, B, T, BLOCKS, LOG_CHUNK,
+        )
+    else:
+        n_fallback = _solve_and_update(
+            f_ptr, g_ptr, p_ptr, m_ptr, blk, blk < n_blocks, keep_step(skip_ptr, HAS_SKIP), n_chunks, cols,
+            damping, lr, momentum, weight_decay, B, B_PAD, T, BLOCKS,
+        )
     tl.atomic_add(count_ptr, n_fallback, mask=n_fallback > 0)  # no atomic traffic in the common case
 
 
@@ -150,6 +300,7 @@ def _grouped_block_update_kernel(
     table_ptr, work_ptr, proto_ptr, count_ptr, skip_ptr,
     damping, lr, momentum, weight_decay,
     B: tl.constexpr, B_PAD: tl.constexpr, T: tl.constexpr, BLOCKS: tl.constexpr, HAS_SKIP: tl.constexpr,
+    LANE: tl.constexpr = False, LOG_CHUNK: tl.constexpr = 5,
 ):
     # Many parameters with the same b in one launch (as torch's foreach optimizers do): program ``pid``
     # takes BLOCKS mini-blocks of parameter ``work[pid, 0]`` from block ``work[pid, 1]`` on. Row ``t`` of
@@ -164,11 +315,17 @@ def _grouped_block_update_kernel(
     m_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
     n_blocks = tl.load(row + 4)
     blk = first + tl.arange(0, BLOCKS)
-    n_fallback = _solve_and_update(
-        f_ptr, g_ptr, p_ptr, m_ptr, blk, blk < n_blocks, keep_step(skip_ptr, HAS_SKIP), tl.load(row + 5),
-        tl.load(row + 6),
-        damping, lr, momentum, weight_decay, B, B_PAD, T, BLOCKS,
-    )
+    if LANE:
+        n_fallback = _lane_solve_and_update(
+            f_ptr, g_ptr, p_ptr, m_ptr, tl.multiple_of(first, BLOCKS), n_blocks, keep_step(skip_ptr, HAS_SKIP),
+            tl.load(row + 5),
+            tl.load(row + 6), damping, lr, momentum, weight_decay, B, T, BLOCKS, LOG_CHUNK,
+        )
+    else:
+        n_fallback = _solve_and_update(
+            f_ptr, g_ptr, p_ptr, m_ptr, blk, blk < n_blocks, keep_step(skip_ptr, HAS_SKIP), tl.load(row + 5),
+            tl.load(row + 6), damping, lr, momentum, weight_decay, B, B_PAD, T, BLOCKS,
+        )
     tl.atomic_add(count_ptr, n_fallback, mask=n_fallback > 0)
 
 
