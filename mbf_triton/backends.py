@@ -18,9 +18,8 @@ import os
 
 import torch
 
-from . import autotune
 from . import reference as ref
-from .autotune import Tuner
+from .tuning import Tuner, get_tuner
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -86,7 +85,7 @@ class TorchBackend:
 class TritonBackend(TorchBackend):
     """The same three operations as fused Triton kernels (``mbf_triton.kernels``).
 
-    Launch configurations come from an :class:`mbf_triton.autotune.Tuner` (default: the process-wide
+    Launch configurations come from an :class:`mbf_triton.tuning.Tuner` (default: the process-wide
     one): tuned per (kernel, block size, block-count bucket, dtype) on the first step on a GPU, cached on
     disk; the kernels' heuristic under the interpreter, under pytest or with ``MBF_TRITON_AUTOTUNE=0``.
     :meth:`configs` lists what each layer shape got.
@@ -103,7 +102,7 @@ class TritonBackend(TorchBackend):
 
     @property
     def tuner(self) -> Tuner:
-        return self._tuner if self._tuner is not None else autotune.get_tuner()
+        return self._tuner if self._tuner is not None else get_tuner()
 
     def configs(self) -> list[dict[str, object]]:
         """One row per layer shape launched so far: kernel, shape, key, config, source, ms."""

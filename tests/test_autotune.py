@@ -15,9 +15,11 @@ import torch
 from conftest import kernel_device
 from torch import nn
 
-from mbf_triton import MBF, autotune
-from mbf_triton.autotune import AutotuneCacheWarning, BlockUpdateConfig, DiskCache, Tuner
+from mbf_triton import MBF
+from mbf_triton.cli import tune as tune_cli
 from mbf_triton.reference import ConvGeometry
+from mbf_triton.tuning import AutotuneCacheWarning, BlockUpdateConfig, DiskCache, Tuner, cache, configs, environment
+from mbf_triton.tuning import tuner as tuner_module
 
 # the deliberately indefinite test block makes the interpreter's rsqrt warn; the kernel handles it
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in sqrt:RuntimeWarning")
@@ -26,11 +28,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in sqr
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch, tmp_path):
     """Every test gets its own cache directory and the environment's default switch."""
-    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path / "cache"))
-    monkeypatch.delenv(autotune.ENV_ENABLE, raising=False)
-    autotune.set_enabled(None)
+    monkeypatch.setenv(cache.ENV_CACHE_DIR, str(tmp_path / "cache"))
+    monkeypatch.delenv(environment.ENV_ENABLE, raising=False)
+    environment.set_enabled(None)
     yield
-    autotune.set_enabled(None)
+    environment.set_enabled(None)
 
 
 class FakeTimer:
@@ -78,15 +80,15 @@ def launch_block_update(tensors, kw, config: BlockUpdateConfig) -> None:
 @pytest.mark.parametrize("b", [1, 2, 3, 9, 16, 25, 32, 64])
 @pytest.mark.parametrize("n_blocks", [3, 1000, 10**6])
 def test_block_update_candidates_are_pruned(b, n_blocks):
-    cands = autotune.block_update_candidates(b, n_blocks)
-    assert cands[0] == autotune.block_update_heuristic(b)
+    cands = configs.block_update_candidates(b, n_blocks)
+    assert cands[0] == configs.block_update_heuristic(b)
     assert len(cands) == len(set(cands))
-    per_block = 1 if b == 1 else autotune._next_pow2(b) ** 2
+    per_block = 1 if b == 1 else configs._next_pow2(b) ** 2
     for c in cands[1:]:
         tile = per_block * c.blocks_per_program
-        assert tile <= autotune.MAX_BLOCK_TILE
-        assert autotune.MIN_VALUES_PER_THREAD <= tile / (32 * c.num_warps) <= autotune.MAX_VALUES_PER_THREAD
-        assert c.blocks_per_program <= max(1, autotune._next_pow2(n_blocks))
+        assert tile <= configs.MAX_BLOCK_TILE
+        assert configs.MIN_VALUES_PER_THREAD <= tile / (32 * c.num_warps) <= configs.MAX_VALUES_PER_THREAD
+        assert c.blocks_per_program <= max(1, configs._next_pow2(n_blocks))
     if n_blocks >= 10**6 and b in (9, 16, 25, 32, 64):  # the H100 probe's winners are candidates
         best = {9: 8, 16: 32, 25: 4, 32: 8, 64: 4}[b]
         assert any(c.blocks_per_program == best for c in cands)
@@ -95,11 +97,11 @@ def test_block_update_candidates_are_pruned(b, n_blocks):
 def test_stats_candidates_are_valid():
     from mbf_triton.kernels.fisher_stats import FisherStatsConfig
 
-    linear, conv = autotune.linear_stats_candidates(300, 1000, 16), autotune.conv_stats_candidates(64, 196, 9)
+    linear, conv = configs.linear_stats_candidates(300, 1000, 16), configs.conv_stats_candidates(64, 196, 9)
     for phase0 in (linear, conv):
         assert len(phase0) == len(set(phase0)) > 1
         assert all(isinstance(c, FisherStatsConfig) for c in phase0)
-        phase1 = autotune.linear_stats_candidates(300, 1000, 16, phase=1, best=phase0[-1])
+        phase1 = configs.linear_stats_candidates(300, 1000, 16, phase=1, best=phase0[-1])
         assert {(c.block_o, c.block_k, c.block_t) for c in phase1} == {
             (phase0[-1].block_o, phase0[-1].block_k, phase0[-1].block_t)
         }
@@ -107,34 +109,34 @@ def test_stats_candidates_are_valid():
         assert {c.precision for c in phase1} == {"ieee", "tf32x3"}
         assert {c.precision for c in phase0} == {"ieee"}
     # tiny layers: no tile larger than the problem (beyond the minimum of 16), the heuristic aside
-    for c in autotune.linear_stats_candidates(3, 5, 2)[1:]:
+    for c in configs.linear_stats_candidates(3, 5, 2)[1:]:
         assert c.block_o == 16 and c.block_k == 16 and c.block_t == 16
 
 
 def test_config_from_dict_rejects_garbage():
     good = {"blocks_per_program": 8, "num_warps": 4, "num_stages": None}
-    assert autotune.config_from_dict("block_update", good) == BlockUpdateConfig(8, 4)
+    assert configs.config_from_dict("block_update", good) == BlockUpdateConfig(8, 4)
     for bad in ({**good, "blocks_per_program": 3}, {**good, "num_warps": True}, {"blocks_per_program": 8},
                 {**good, "extra": 1}, [8, 4], {**good, "num_warps": "4"}):
         with pytest.raises(ValueError):
-            autotune.config_from_dict("block_update", bad)
+            configs.config_from_dict("block_update", bad)
     with pytest.raises(ValueError):
-        autotune.config_from_dict("linear_stats", {"block_o": 8, "block_k": 16, "block_t": 16,
+        configs.config_from_dict("linear_stats", {"block_o": 8, "block_k": 16, "block_t": 16,
                                                    "num_warps": 4, "num_stages": 2})
     stats = {"block_o": 16, "block_k": 16, "block_t": 32, "num_warps": 4, "num_stages": 2}
     # an entry written before the precision field existed means the fp32 FMA dot
-    assert autotune.config_from_dict("conv_stats", stats).precision == "ieee"
-    assert autotune.config_from_dict("conv_stats", {**stats, "precision": "tf32x3"}).precision == "tf32x3"
+    assert configs.config_from_dict("conv_stats", stats).precision == "ieee"
+    assert configs.config_from_dict("conv_stats", {**stats, "precision": "tf32x3"}).precision == "tf32x3"
     for bad in ("tf32", 3):
         with pytest.raises(ValueError):
-            autotune.config_from_dict("conv_stats", {**stats, "precision": bad})
+            configs.config_from_dict("conv_stats", {**stats, "precision": bad})
 
 
 # --------------------------------------------------------------------------------------- selection
 def test_fake_timer_selects_the_fastest():
     device = kernel_device()
     tensors, kw = block_update_inputs(device, rows=9, cols=12, b=3)
-    cands = autotune.block_update_candidates(3, tensors[0].shape[0])
+    cands = configs.block_update_candidates(3, tensors[0].shape[0])
     assert len(cands) >= 3
     target = cands[2]
     timer = FakeTimer(fastest=target)
@@ -152,8 +154,8 @@ def test_failing_candidates_are_pruned_and_heuristic_kept(monkeypatch):
     device = kernel_device()
     tensors, kw = block_update_inputs(device)
     bad = BlockUpdateConfig(4, 32)  # a config the timer never sees because its launch fails
-    heuristic = autotune.block_update_heuristic(3)
-    monkeypatch.setattr(autotune, "block_update_candidates", lambda b, n: [heuristic, bad])
+    heuristic = configs.block_update_heuristic(3)
+    monkeypatch.setattr(configs, "block_update_candidates", lambda b, n: [heuristic, bad])
     from mbf_triton.kernels import block_update
 
     real = block_update.damped_block_update_
@@ -178,16 +180,16 @@ def test_block_update_tuning_does_not_mutate_state(dtype):
     device = kernel_device()
     tensors, kw = block_update_inputs(device, rows=6, cols=8, b=3, dtype=dtype)
     before = [t.clone() for t in tensors]
-    cands = autotune.block_update_candidates(3, tensors[0].shape[0])
+    cands = configs.block_update_candidates(3, tensors[0].shape[0])
     tuner = Tuner(mode="force", timer=FakeTimer(fastest=cands[-1], run=True), disk_cache=False)
     cfg = tuner.block_update_config(*tensors, **kw)
-    assert cfg == cands[-1] and cfg != autotune.block_update_heuristic(3)
+    assert cfg == cands[-1] and cfg != configs.block_update_heuristic(3)
     for a, b in zip(tensors, before):
         assert torch.equal(a, b)
     # the tuned launch gives exactly what the untuned launch gives
     untuned = [t.clone() for t in before]
     launch_block_update(tensors, kw, cfg)
-    launch_block_update(untuned, kw, autotune.block_update_heuristic(3))
+    launch_block_update(untuned, kw, configs.block_update_heuristic(3))
     for a, b in zip(tensors, untuned):
         assert torch.equal(a, b)
     assert int(tensors[4]) == 1  # the fallback block was counted once, not once per trial
@@ -260,7 +262,7 @@ def test_optimizer_with_tuning_matches_heuristic_and_reports_layers(monkeypatch)
     device = kernel_device()
 
     def train(tuner: Tuner):
-        monkeypatch.setattr(autotune, "_DEFAULT_TUNER", tuner)
+        monkeypatch.setattr(tuner_module, "_DEFAULT_TUNER", tuner)
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3)).to(device)
         opt = MBF(model, backend="triton", lr=0.1, damping=0.1, block_size=4)
@@ -283,7 +285,7 @@ def test_optimizer_with_tuning_matches_heuristic_and_reports_layers(monkeypatch)
     assert "block_update" in tuned.format_report()
     from mbf_triton.backends import TritonBackend
 
-    monkeypatch.setattr(autotune, "_DEFAULT_TUNER", tuned)
+    monkeypatch.setattr(tuner_module, "_DEFAULT_TUNER", tuned)
     assert TritonBackend().configs() == rows
 
 
@@ -291,18 +293,18 @@ def test_optimizer_with_tuning_matches_heuristic_and_reports_layers(monkeypatch)
 def test_disabled_and_default_modes_use_the_heuristic(monkeypatch, tmp_path):
     device = kernel_device()
     tensors, kw = block_update_inputs(device)
-    heuristic = autotune.block_update_heuristic(3)
-    autotune.set_enabled(False)
+    heuristic = configs.block_update_heuristic(3)
+    environment.set_enabled(False)
     tuner = Tuner(timer=no_timer)
     assert tuner.resolved_mode() == "off"
     assert tuner.block_update_config(*tensors, **kw) == heuristic
     assert tuner.chosen[tuner.last_key].source == "heuristic"
-    autotune.set_enabled(None)
-    monkeypatch.setenv(autotune.ENV_ENABLE, "0")
+    environment.set_enabled(None)
+    monkeypatch.setenv(environment.ENV_ENABLE, "0")
     assert Tuner().resolved_mode() == "off"
-    monkeypatch.setenv(autotune.ENV_ENABLE, "1")
+    monkeypatch.setenv(environment.ENV_ENABLE, "1")
     assert Tuner().resolved_mode() == "off"  # under pytest: one fixed config
-    autotune.set_enabled(True)
+    environment.set_enabled(True)
     assert Tuner().resolved_mode() == "auto"
     if device == "cpu":  # auto on CPU / interpreter: deterministic default, no timing, no cache file
         tuner = Tuner(mode="auto", timer=no_timer)
@@ -315,11 +317,11 @@ def test_disabled_and_default_modes_use_the_heuristic(monkeypatch, tmp_path):
 def test_cache_round_trip_across_tuners():
     device = kernel_device()
     tensors, kw = block_update_inputs(device, rows=9, cols=12)
-    cands = autotune.block_update_candidates(3, tensors[0].shape[0])
+    cands = configs.block_update_candidates(3, tensors[0].shape[0])
     first = Tuner(mode="force", timer=FakeTimer(fastest=cands[-1]))
     cfg = first.block_update_config(*tensors, **kw)
-    path = autotune.cache_path(autotune.device_name(tensors[0].device))
-    assert path.exists() and path.parent == autotune.cache_dir()
+    path = cache.cache_path(environment.device_name(tensors[0].device))
+    assert path.exists() and path.parent == cache.cache_dir()
     data = json.loads(path.read_text())
     assert data["header"]["triton"] and data["header"]["mbf_triton"] and data["header"]["gpu"]
     assert first.last_key in data["entries"]
@@ -343,9 +345,9 @@ def _write(path, payload: str) -> None:
 def test_damaged_cache_is_ignored_with_a_warning(damage):
     device = kernel_device()
     tensors, kw = block_update_inputs(device)
-    path = autotune.cache_path(autotune.device_name(tensors[0].device))
-    header = autotune.cache_header(autotune.device_name(tensors[0].device))
-    key = autotune.block_update_key(3, tensors[0].shape[0], torch.float32)
+    path = cache.cache_path(environment.device_name(tensors[0].device))
+    header = cache.cache_header(environment.device_name(tensors[0].device))
+    key = configs.block_update_key(3, tensors[0].shape[0], torch.float32)
     trap = {"config": {"blocks_per_program": 2, "num_warps": 1, "num_stages": None}, "ms": 0.0}
     if damage == "corrupt":
         _write(path, '{"header": {"format": 1, "gpu"')
@@ -356,7 +358,7 @@ def test_damaged_cache_is_ignored_with_a_warning(damage):
     else:
         bad = {"config": {"blocks_per_program": 3, "num_warps": 1, "num_stages": None}, "ms": 0.0}
         _write(path, json.dumps({"header": header, "entries": {key: bad}}))
-    heuristic = autotune.block_update_heuristic(3)
+    heuristic = configs.block_update_heuristic(3)
     timer = FakeTimer(fastest=heuristic)
     tuner = Tuner(mode="force", timer=timer)
     match = {"corrupt": "corrupt", "stale": "stale", "malformed": "malformed", "bad_entry": "invalid"}[damage]
@@ -401,7 +403,7 @@ def test_cli_smoke_writes_csv_plot_and_cache(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["--smoke", "--out", str(out), "--kernel", "block_update", "linear_stats", "conv_stats",
             "--b", "3", "4", "--blocks", "5"]
-    assert autotune.main(argv) == 0
+    assert tune_cli.main(argv) == 0
     text = capsys.readouterr().out
     assert "MEANINGLESS" in text or "do_bench" in text
     assert "summary" in text and "best" in text
@@ -414,7 +416,7 @@ def test_cli_smoke_writes_csv_plot_and_cache(tmp_path, capsys):
     with open(out / "autotune_summary.csv") as fh:
         summary = list(csv.DictReader(fh))
     assert len(summary) == 6 and all(float(r["confirm_tuned_ms"]) > 0 for r in summary)
-    caches = list(autotune.cache_dir().glob("autotune-*.json"))
+    caches = list(cache.cache_dir().glob("autotune-*.json"))
     assert len(caches) == 1 and len(json.loads(caches[0].read_text())["entries"]) == 6
 
 
@@ -427,7 +429,7 @@ def test_confirm_times_both_configs_again_alternating_and_takes_medians():
         order.append(config)
         return next(times[config])
 
-    heur_ms, tuned_ms = autotune.confirm(timer, launched.append, "tuned", "heur")
+    heur_ms, tuned_ms = tune_cli.confirm(timer, launched.append, "tuned", "heur")
     assert order == ["heur", "tuned"] * 3 and launched == order
     assert (heur_ms, tuned_ms) == (3.0, 4.0)  # medians: here the tuned config is slower, and it says so
 
@@ -436,20 +438,20 @@ def test_cli_time_budget_skips_the_shapes_left_and_says_so(tmp_path, capsys):
     kernel_device()
     argv = ["--smoke", "--no-cache", "--out", str(tmp_path), "--b", "3", "--blocks", "5", "6",
             "--time-budget-s", "0"]
-    assert autotune.main(argv) == 0
+    assert tune_cli.main(argv) == 0
     assert "2 shape(s) not tuned: block_update b=3" in capsys.readouterr().out
     assert (tmp_path / "autotune_summary.csv").read_text().count("\n") == 1  # the header only
 
 
 def test_cli_without_gpu_explains_and_runs_nothing(tmp_path, capsys):
-    if torch.cuda.is_available() and not autotune._interpreted():
+    if torch.cuda.is_available() and not environment.interpreted():
         pytest.skip("a GPU is present: the real sweep would run")
-    assert autotune.main(["--out", str(tmp_path / "none")]) == 0
+    assert tune_cli.main(["--out", str(tmp_path / "none")]) == 0
     assert "needs a CUDA GPU" in capsys.readouterr().out
     assert not (tmp_path / "none").exists()
 
 
 def test_cli_model_layers():
-    jobs = autotune._model_jobs("cnn", 16)
+    jobs = tune_cli._model_jobs("cnn", 16)
     assert {(j.b, j.n_blocks) for j in jobs} >= {(9, 16), (9, 16 * 32), (9, 32 * 32), (16, 10 * 32)}
     assert any("weight" in j.label for j in jobs)

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .experiments import TASK_SPECS, TUNED, load_digits, train
+from ..experiments import TASK_SPECS, TUNED, load_digits, train
 
 
 def _progress(total: int, desc: str):
@@ -26,20 +26,39 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mbf_triton demo", description=__doc__)
-    parser.add_argument("--task", choices=sorted(TASK_SPECS), default="autoencoder")
-    parser.add_argument("--epochs", type=int, default=None, help="default: the task's demo length")
-    parser.add_argument("--optimizers", nargs="+", default=["mbf", "adam", "sgd"], choices=["mbf", "adam", "sgd"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="mbf_demo", help="directory for demo.csv and demo.png")
-    args = parser.parse_args(argv)
+DESCRIPTION = "Train MBF, Adam and SGD on scikit-learn's bundled digits; print a table, write a CSV and a plot."
 
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``demo`` subcommand's options."""
+    parser.add_argument("--task", choices=sorted(TASK_SPECS), default="autoencoder", help="which digits task")
+    parser.add_argument("--epochs", type=_positive_int, default=None, help="default: the task's demo length")
+    parser.add_argument("--optimizers", nargs="+", default=["mbf", "adam", "sgd"], choices=["mbf", "adam", "sgd"],
+                        help="optimizers to compare")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model's initialisation and the batches")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: cuda when available)")
+    parser.add_argument("--out", default="mbf_demo", help="directory for demo.csv and demo.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mbf_triton demo``: see ``--help``."""
+    parser = argparse.ArgumentParser(prog="python -m mbf_triton demo", description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The demo, from parsed options."""
     task = TASK_SPECS[args.task]
     epochs = args.epochs or TUNED[args.task]["demo_epochs"]
-    if epochs < 1:
-        parser.error(f"--epochs={epochs} must be >= 1")
     if args.device == "cpu":
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     data = load_digits(args.device)
