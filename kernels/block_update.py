@@ -28,11 +28,14 @@ import triton.language as tl
 
 from ._common import keep_step, skip_args
 
-__all__ = ["MAX_BLOCK_SIZE", "damped_block_update_", "default_launch_config", "grouped_block_update_"]
+__all__ = ["LANE_MAX_B", "MAX_BLOCK_SIZE", "VARIANTS", "damped_block_update_", "default_launch_config", "default_variant",
+           "grouped_block_update_", "lane_log_chunk"]
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_BLOCK_SIZE = 64  # the register tile holds B_PAD^2 floats per block; larger b use the torch path
 _MAX_B = MAX_BLOCK_SIZE
+LANE_MAX_B = 16  # the lane variant holds b(b+1)/2 + 2b values per lane: 255 registers at b = 16
+VARIANTS = ("tile", "lane")
 _RUNTIME_SCALARS = ["damping", "lr", "momentum", "weight_decay"]
 
 
@@ -329,16 +332,40 @@ def _grouped_block_update_kernel(
     tl.atomic_add(count_ptr, n_fallback, mask=n_fallback > 0)
 
 
-def default_launch_config(b: int) -> tuple[int, int]:
-    """``(blocks_per_program, num_warps)`` for block size ``b``: about 8 tile floats per thread.
+def default_variant(b: int) -> str:
+    """The kernel variant for block size ``b`` without a GPU timing: ``"lane"`` (one mini-block per lane,
+    unrolled scalar code) for ``2 <= b <= LANE_MAX_B``, else ``"tile"``. Chosen by ``perf/kernel_model.py``
+    (a static model of the sm_90 SASS, calibrated on H100 timings of a probe kernel; see perf/NOTES.md):
+    a model prediction, to be replaced by the autotuner's timings on a GPU."""
+    return "lane" if 2 <= b <= LANE_MAX_B else "tile"
 
-    Chosen from the compiler's resource report (triton 3.9, sm_90, no GPU run): ptxas needs roughly
-    10-12 registers per tile float per thread, so 8 floats keeps a program near 80-90 registers with no
-    spills (b = 4, 9, 16, 32, 64), where the earlier 4096-float tiles took 250 registers (b = 9, 16) or
-    spilled (b = 4). Whether this is faster on the GPU is still to be measured (perf/NOTES.md).
+
+def lane_log_chunk(b: int) -> int:
+    """log2 of the widest column chunk the lane variant loads ``F`` in. With ``T = b(b+1)/2`` a multiple of
+    4, chunks of 4: each lane reads its own block's entries as 16-byte vectors and no layout change is
+    needed; else chunks of up to 32 columns read coalesced across lanes and are regrouped per lane through
+    shared memory (one block per lane reading scalars would touch one 128-byte line per entry and block:
+    ``perf/kernel_model.py`` predicts the L1, not DRAM, would then bound b = 9 and 16)."""
+    return 2 if (b * (b + 1) // 2) % 4 == 0 else 5
+
+
+def default_launch_config(b: int, variant: str | None = None) -> tuple[int, int]:
+    """``(blocks_per_program, num_warps)`` for block size ``b`` and ``variant`` (default
+    :func:`default_variant`).
+
+    ``"tile"``: about 8 tile floats per thread. Chosen from the compiler's resource report (triton 3.9,
+    sm_90, no GPU run): ptxas needs roughly 10-12 registers per tile float per thread, so 8 floats keeps a
+    program near 80-90 registers with no spills (b = 4, 9, 16, 32, 64), where the earlier 4096-float tiles
+    took 250 registers (b = 9, 16) or spilled (b = 4). ``"lane"``: one mini-block per lane, 4 warps
+    (8 for b >= 13, where 4 warps spill a few registers). Whether this is fastest on the GPU is still to be
+    measured (perf/NOTES.md).
     """
+    variant = default_variant(b) if variant is None else variant
     if b == 1:
         return 1024, 4
+    if variant == "lane":
+        warps = 8 if b >= 13 else 4
+        return 32 * warps, warps
     b_pad = triton.next_power_of_2(b)
     num_warps = 4 if b_pad <= 16 else (8 if b_pad <= 32 else 16)
     return max(1, (8 * 32 * num_warps) // (b_pad * b_pad)), num_warps
@@ -401,8 +428,18 @@ def _check_inputs(f, grad, param, momentum_buffer, b):
     return rows, cols, n_chunks, n_blocks, t
 
 
-def _launch_options(b, blocks_per_program, num_warps, num_stages):
-    default_blocks, default_warps = default_launch_config(b)
+def _check_variant(b: int, variant: str | None) -> str:
+    variant = default_variant(b) if variant is None else variant
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} must be one of {VARIANTS}")
+    if variant == "lane" and b > LANE_MAX_B:
+        raise ValueError(f"variant='lane' supports b <= {LANE_MAX_B} (registers), got b={b}")
+    return variant
+
+
+def _launch_options(b, blocks_per_program, num_warps, num_stages, variant):
+    """``(blocks, launch kwargs)``; the kernel's variant constexprs included."""
+    default_blocks, default_warps = default_launch_config(b, variant)
     blocks = default_blocks if blocks_per_program is None else blocks_per_program
     warps = default_warps if num_warps is None else num_warps
     _check_pow2("blocks_per_program", blocks)
@@ -412,6 +449,8 @@ def _launch_options(b, blocks_per_program, num_warps, num_stages):
         if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
             raise ValueError(f"num_stages={num_stages!r} must be an int >= 1")
         launch["num_stages"] = num_stages
+    if b > 1:
+        launch.update(LANE=variant == "lane", LOG_CHUNK=lane_log_chunk(b) if variant == "lane" else 0)
     return blocks, launch
 
 
@@ -431,6 +470,7 @@ def damped_block_update_(
     blocks_per_program: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    variant: str | None = None,
 ):
     """Damped mini-block Cholesky solve fused with the momentum / weight-decay update, in place.
 
@@ -442,13 +482,14 @@ def damped_block_update_(
     written and nothing is counted.
 
     ``blocks_per_program``, ``num_warps``, ``num_stages``: launch configuration (default:
-    :func:`default_launch_config`, Triton's default stages). Returns the compiled kernel that ran (None
+    :func:`default_launch_config`, Triton's default stages); ``variant``: ``"tile"`` or ``"lane"`` (``b <=
+    LANE_MAX_B``), default :func:`default_variant`; both compute the same function. Returns the compiled kernel that ran (None
     under the interpreter or when there is nothing to do), so a tuner can read its register metadata.
     """
     rows, cols, n_chunks, n_blocks, t = _check_inputs(f, grad, param, momentum_buffer, b)
     _check_counter(fallback_count, f.get_device())
     skip_ptr, has_skip = skip_args(skip, f)
-    blocks, launch = _launch_options(b, blocks_per_program, num_warps, num_stages)
+    blocks, launch = _launch_options(b, blocks_per_program, num_warps, num_stages, _check_variant(b, variant))
     if n_blocks == 0:
         return None
     # Plain Python floats: an int here would change the kernel signature and force a recompilation.
@@ -532,6 +573,7 @@ def grouped_block_update_(
     blocks_per_program: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    variant: str | None = None,
 ):
     """:func:`damped_block_update_` for many parameters of one block size and dtype in a single launch.
 
@@ -553,7 +595,7 @@ def grouped_block_update_(
         n_blocks.append(nb)
     _check_counter(fallback_count, fs[0].get_device())
     skip_ptr, has_skip = skip_args(skip, fs[0])
-    blocks, launch = _launch_options(b, blocks_per_program, num_warps, num_stages)
+    blocks, launch = _launch_options(b, blocks_per_program, num_warps, num_stages, _check_variant(b, variant))
     if sum(n_blocks) == 0:
         return None
     device = params[0].device
