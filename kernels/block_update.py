@@ -28,8 +28,8 @@ import triton.language as tl
 
 from ._common import keep_step, skip_args
 
-__all__ = ["LANE_MAX_B", "MAX_BLOCK_SIZE", "VARIANTS", "damped_block_update_", "default_launch_config", "default_variant",
-           "grouped_block_update_", "lane_log_chunk"]
+__all__ = ["LANE_MAX_B", "MAX_BLOCK_SIZE", "VARIANTS", "damped_block_update_", "default_launch_config",
+           "default_variant", "grouped_block_update_", "lane_log_chunk"]
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_BLOCK_SIZE = 64  # the register tile holds B_PAD^2 floats per block; larger b use the torch path
@@ -224,34 +224,34 @@ def _lane_solve_and_update(
     vlim = cols - first  # entries of the block inside the row: B, or fewer in the short tail chunk
     g = _load_row(g_ptr, voff, B, vlim, valid, BLOCKS, LOG_CHUNK)
 
-    # Cholesky by rows (packed order), forward substitution of row i right after it: l holds L in packed
+    # Cholesky by rows (packed order), forward substitution of row i right after it: fac holds L in packed
     # order with 1 / L_ii in place of the diagonal; y = L^{-1} g.
     ok = valid | ~valid
-    l = ()
+    fac = ()
     y = ()
     for i in tl.static_range(B):
         for j in tl.static_range(i + 1):
             s = a[i * (i + 1) // 2 + j]
             for k in tl.static_range(j):
-                s -= l[i * (i + 1) // 2 + k] * l[j * (j + 1) // 2 + k]
+                s -= fac[i * (i + 1) // 2 + k] * fac[j * (j + 1) // 2 + k]
             if j < i:
-                l = l + (s * l[j * (j + 1) // 2 + j],)
+                fac = fac + (s * fac[j * (j + 1) // 2 + j],)
             else:
                 pivot = s + damping
                 ok = ok & (pivot > 0.0) & (pivot <= 3.4028234663852886e38)
-                l = l + (tl.rsqrt(pivot),)
+                fac = fac + (tl.rsqrt(pivot),)
         t = g[i]
         for k in tl.static_range(i):
-            t -= l[i * (i + 1) // 2 + k] * y[k]
-        y = y + (t * l[i * (i + 1) // 2 + i],)
+            t -= fac[i * (i + 1) // 2 + k] * y[k]
+        y = y + (t * fac[i * (i + 1) // 2 + i],)
 
     # back substitution L^T x = y, from the last row up; then fallback, momentum, decay, step
     xr = ()  # xr[B - 1 - i] = x_i
     for i in tl.static_range(B - 1, -1, -1):
         t = y[i]
         for k in tl.static_range(i + 1, B):
-            t -= l[k * (k + 1) // 2 + i] * xr[B - 1 - k]
-        xr = xr + (t * l[i * (i + 1) // 2 + i],)
+            t -= fac[k * (k + 1) // 2 + i] * xr[B - 1 - k]
+        xr = xr + (t * fac[i * (i + 1) // 2 + i],)
     # m and p only now: loaded earlier (the compiler hoists loads) they would hold 2b registers through the
     # factorisation, which spills at b = 16
     tl.debug_barrier()
@@ -483,8 +483,9 @@ def damped_block_update_(
 
     ``blocks_per_program``, ``num_warps``, ``num_stages``: launch configuration (default:
     :func:`default_launch_config`, Triton's default stages); ``variant``: ``"tile"`` or ``"lane"`` (``b <=
-    LANE_MAX_B``), default :func:`default_variant`; both compute the same function. Returns the compiled kernel that ran (None
-    under the interpreter or when there is nothing to do), so a tuner can read its register metadata.
+    LANE_MAX_B``), default :func:`default_variant`; both compute the same function. Returns the compiled
+    kernel that ran (None under the interpreter or when there is nothing to do), so a tuner can read its
+    register metadata.
     """
     rows, cols, n_chunks, n_blocks, t = _check_inputs(f, grad, param, momentum_buffer, b)
     _check_counter(fallback_count, f.get_device())
