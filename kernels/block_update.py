@@ -10,7 +10,21 @@ For every mini-block ``i`` (storage conventions in :mod:`mbf_triton.reference`),
 Exactly :func:`mbf_triton.reference.damped_block_solve` followed by
 :func:`mbf_triton.reference.apply_update_`; the factor never leaves registers.
 
-Design: a program owns ``BLOCKS`` consecutive mini-blocks and holds them as one register tile
+Two variants compute this same function (``variant=``; the autotuner times both on a GPU, and without one
+the launchers take :func:`default_variant`, the pick of the calibrated static model ``perf/kernel_model.py``):
+
+* ``"lane"`` (``2 <= b <= LANE_MAX_B``): one mini-block per lane. Every entry of a block is a
+  ``(BLOCKS,)`` vector with one value per lane, and the damped Cholesky (by rows, in the packed order),
+  both substitutions and the update are fully unrolled scalar code over the packed triangle
+  (``tl.static_range`` over tuples): ``b^3/6 + b^2`` multiply-adds and ``b`` rsqrt per block, no padding
+  of odd sizes, no reductions. ``F`` rows are read as coalesced ``[BLOCKS, W]`` tiles of power-of-two
+  widths ``W`` (``T = 45 = 32 + 8 + 4 + 1``) split into columns in registers, or, where ``T % 4 == 0``,
+  as 16-byte vectors per lane (:func:`lane_log_chunk`); the gradient, momentum and parameter likewise.
+  ``F`` keeps its packed ``(n_blocks, T)`` layout: the model predicts that a tri-major ``(T, n_blocks)``
+  layout would not be faster (perf/NOTES.md).
+* ``"tile"``: described next.
+
+Design of ``"tile"``: a program owns ``BLOCKS`` consecutive mini-blocks and holds them as one register tile
 ``[BLOCKS, B_PAD, B_PAD]`` (``B_PAD`` = next power of two of ``b``), the symmetric matrix unpacked from
 the packed triangle by masked loads (no global traffic for the padding; padded entries are 0 and are
 never touched by the ``b`` steps of the loop). The factorisation is right-looking: step ``k`` extracts

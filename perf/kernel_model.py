@@ -407,7 +407,7 @@ def block_update_config(variant: str, b: int, blocks: int | None = None, warps: 
     from mbf_triton.kernels import block_update as bu
 
     if variant == "tile":
-        d_blocks, d_warps = bu.default_launch_config(b)
+        d_blocks, d_warps = bu.default_launch_config(b, "tile")
         blocks, warps = blocks or d_blocks, warps or d_warps
         trips, l1 = (b, b), None
     elif variant == "lane":
@@ -450,12 +450,79 @@ def print_calibration(rows: list[dict]) -> float:
     return worst
 
 
+SOLVE_EX_MS_1E6 = {9: 3.26, 16: 6.39, 32: 31.93}  # measured on the H100 (shared/calibration/README.md)
+N_BIG = 10**6
+
+
+def solve_variants(b: int) -> list[Config]:
+    """The solve + update variants of block size ``b`` at their default launch configs."""
+    from mbf_triton.kernels import block_update as bu
+
+    out = [block_update_config("tile", b)]
+    if 2 <= b <= bu.LANE_MAX_B:
+        blocks, warps = bu.default_launch_config(b, "lane")
+        out.append(block_update_config("lane", b, blocks, warps, bu.lane_log_chunk(b)))
+    return out
+
+
+def print_variants(bs: tuple[int, ...]) -> dict[int, Prediction]:
+    print("\n## Solve + update variants (model prediction, H100, fp32 parameters, default launch configs)")
+    print("| variant | b | regs | spill B | warps/SMSP | warp instr. per block (mix) | model ms 10^5 | model ms 10^6 "
+          "| floor ms 10^6 | model/floor | limiter |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    best: dict[int, Prediction] = {}
+    for b in bs:
+        for cfg in solve_variants(b):
+            print(f"  compiling {cfg.name} ...", file=sys.stderr, flush=True)
+            p = predict(cfg)
+            ratio = p.ms(N_BIG) / p.floor_ms(N_BIG)
+            print(f"| {cfg.name} | {b} | {p.registers} | {p.spill_stack} | {p.warps_per_smsp:.1f} | {mix_str(p)} | "
+                  f"{p.ms(10**5):.3f} | {p.ms(N_BIG):.3f} | {p.floor_ms(N_BIG):.3f} | {ratio:.2f} | "
+                  f"{p.limiter(N_BIG)} |", flush=True)
+            if b not in best or p.ms(N_BIG) < best[b].ms(N_BIG):
+                best[b] = p
+    print("\n## Best variant per b (model prediction at 10^6 blocks)")
+    print("| b | best variant | model ms | model/floor | vs tile kernel | measured solve_ex ms | solve_ex/model |")
+    print("|---|---|---|---|---|---|---|")
+    for b, p in best.items():
+        tile = predict(block_update_config("tile", b))
+        sx = SOLVE_EX_MS_1E6.get(b)
+        sx_str = f"{sx:.2f} | {sx / p.ms(N_BIG):.1f}x" if sx else "not measured | -"
+        print(f"| {b} | {p.config.name} | {p.ms(N_BIG):.3f} | {p.ms(N_BIG) / p.floor_ms(N_BIG):.2f} | "
+              f"{tile.ms(N_BIG) / p.ms(N_BIG):.1f}x | {sx_str} |")
+    return best
+
+
+def print_layouts(bs: tuple[int, ...]) -> None:
+    """F's packed rows (n_blocks, T) read per lane by scalar loads, in the coalesced chunks the lane variant
+    uses, or from a tri-major (T, n_blocks) layout: L1 lines and sectors per block, and the L1 time against
+    the DRAM time of the block's bytes (model prediction)."""
+    from mbf_triton.kernels import block_update as bu
+
+    print("\n## F layout for one block per lane (model: L1 lines / 32-byte sectors per block, F reads only)")
+    print("| b | T | rows, scalar per lane | chunks (lane variant) | tri-major (T, n_blocks) | sectors per request "
+          "rows / chunks / tri-major | DRAM clocks per block (all bytes) |")
+    print("|---|---|---|---|---|---|---|")
+    per_clock = COPY_BYTES_PER_S / (SMS * CLOCK_HZ)
+    for b in bs:
+        t = tril(b)
+        r = {pat: l1_cost_per_block(pat, t, t, blocks=1024, log_chunk=bu.lane_log_chunk(b))
+             for pat in ("rows", "chunks", "interleaved")}
+        reqs = {"rows": t, "interleaved": t, "chunks": None}
+        spr = " / ".join(f"{r[k][1] * 32 / reqs[k]:.1f}" if reqs[k] else "-"
+                         for k in ("rows", "chunks", "interleaved"))
+        print(f"| {b} | {t} | {r['rows'][0]:.1f} / {r['rows'][1]:.1f} | {r['chunks'][0]:.1f} / {r['chunks'][1]:.1f} | "
+              f"{r['interleaved'][0]:.1f} / {r['interleaved'][1]:.1f} | {spr} | {floor_bytes(b) / per_clock:.1f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="b = 9 only, no calibration (CI smoke)")
     ap.add_argument("--calibration-only", action="store_true")
+    ap.add_argument("--b", type=int, nargs="+", default=None, help="block sizes (default 4 9 16 25 27 32 64)")
     args = ap.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    print("Everything below is a MODEL PREDICTION (perf/kernel_model.py, static SASS model), not a measurement.")
     if not args.quick:
         rows = calibrate()
         print_calibration(rows)
@@ -464,6 +531,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  b={r['b']} BM={r['BM']}: {mix_str(r['prediction'])}")
         if args.calibration_only:
             return 0
+    bs = tuple(args.b or ((9,) if args.quick else (4, 9, 16, 25, 27, 32, 64)))
+    print_layouts(tuple(b for b in bs if b <= 32))
+    best = print_variants(bs)
+    small = [p.ms(N_BIG) / p.floor_ms(N_BIG) for b, p in best.items() if b <= 16]
+    print(f"worst predicted/floor for b<=16: {max(small):.2f}" if small else "worst predicted/floor for b<=16: n/a")
     return 0
 
 

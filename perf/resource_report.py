@@ -105,14 +105,14 @@ def resources(fn, signature: dict, constexprs: dict, num_warps: int, num_stages:
 def rows(quick: bool) -> list[tuple[str, str, dict]]:
     out = []
     for b in ((9,) if quick else (2, 4, 9, 16, 25, 27, 32, 49, 64)):
-        blocks, warps = bu.default_launch_config(b)
+        blocks, warps = bu.default_launch_config(b, "tile")
         b_pad = triton.next_power_of_2(b)
         r = resources(bu._damped_block_update_kernel, BLOCK_UPDATE_SIG,
                       {"B": b, "B_PAD": b_pad, "T": b * (b + 1) // 2, "BLOCKS": blocks, "LANE": False,
                        "LOG_CHUNK": 5}, warps)
         out.append(("block_update", f"b={b} blocks={blocks} warps={warps}", r))
     for b in ((1, 9) if quick else (1, 9, 16, 32)):
-        blocks, warps = bu.default_launch_config(b)
+        blocks, warps = bu.default_launch_config(b, "tile")
         b_pad = triton.next_power_of_2(b)
         r = resources(bu._grouped_block_update_kernel, GROUPED_SIG,
                       {"B": b, "B_PAD": b_pad, "T": b * (b + 1) // 2, "BLOCKS": blocks, "LANE": False,
