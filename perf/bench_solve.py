@@ -5,8 +5,9 @@ What is timed, per block size ``b`` and number of mini-blocks ``n`` (fp32, dampi
 * ``triton``: ``damped_block_update_`` (default variant; ``tile ms`` / ``lane ms``: each variant of
   :mod:`mbf_triton.kernels.block_update` at its default launch, checked first) on packed
   ``F (n, b(b+1)/2)``, ``grad``, ``param``, ``momentum`` ``(n, b)``: damping, Cholesky, both
-  substitutions, diagonal fallback, momentum, weight decay and the parameter write, in one launch. Bytes moved: F read + grad read + param read/write + momentum
-  read/write = ``4 n (b(b+1)/2 + 5b)``; GB/s and % of the measured copy rate use this count.
+  substitutions, diagonal fallback, momentum, weight decay and the parameter write, in one launch.
+  Bytes moved: F read + grad read + param read/write + momentum read/write = ``4 n (b(b+1)/2 + 5b)``;
+  GB/s and % of the measured copy rate use this count.
 * vendor paths through torch on the dense damped matrices ``A = unpack(F) + damping I (n, b, b)``
   (unpacked and damped *outside* the timed region, which favours them), ``check_errors=False``:
   ``chol`` = ``cholesky_ex`` + ``cholesky_solve``; ``solve`` = ``linalg.solve_ex``; ``inv`` = ``inv_ex`` +
