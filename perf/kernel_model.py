@@ -162,12 +162,33 @@ def loops(instrs: list[Instr]) -> list[tuple[int, int]]:
     return sorted(found)
 
 
-def weighted_counts(instrs: list[Instr], trip_counts: tuple[int, ...] = ()) -> tuple[dict, dict]:
+def infer_trip_count(instrs: list[Instr], lo: int, hi: int) -> int:
+    """Trip count of the loop ``[lo, hi]`` from its SASS: a register stepped by an immediate
+    (``VIADD/IADD3 Rk, Rk, step``) and compared with an immediate bound (``ISETP.NE/LT/GE ... Rk, bound``),
+    counting from 0 (Triton's ``for k in range(B)`` with a constexpr ``B``)."""
+    body = [i for i in instrs if lo <= i.addr <= hi]
+    steps = {}
+    for i in body:
+        m = re.fullmatch(r"(R\d+), (R\d+), (0x[0-9a-f]+|\d+)", i.operands.replace(", RZ", ""))
+        if i.op in ("VIADD", "IADD3") and m and m[1] == m[2]:
+            step = int(m[3], 0)
+            steps[m[1]] = step - (1 << 32) if step >= 1 << 31 else step  # 0xffffffff: -1
+    for i in body:
+        m = re.search(r"P\d, PT, (R\d+), (-?0x[0-9a-f]+|-?\d+), P", i.operands + ", P")
+        if i.op == "ISETP" and m and steps.get(m[1]) and int(m[2], 0) * steps[m[1]] > 0:
+            return -(-int(m[2], 0) // steps[m[1]])
+    raise ValueError(f"no trip count found for the loop at {lo:#x}-{hi:#x}; pass trip_counts")
+
+
+def weighted_counts(instrs: list[Instr], trip_counts: tuple[int, ...] | None = None) -> tuple[dict, dict]:
     """Executed warp instructions per warp by class, and further tallies (``predicated``, ``shared_bytes``,
     ``ld_bytes``, ``st_bytes``, ``spill_bytes``, ``mufu``, ``ld_128``...), loops times their trip counts.
 
-    ``trip_counts``: one per loop in the order of their first address (outer loops first)."""
+    ``trip_counts``: one per loop in the order of their first address (outer loops first); None: read
+    from the SASS (:func:`infer_trip_count`)."""
     found = loops(instrs)
+    if trip_counts is None:
+        trip_counts = tuple(infer_trip_count(instrs, lo, hi) for lo, hi in found)
     if len(found) != len(trip_counts):
         raise ValueError(f"the SASS has {len(found)} loops {found}; {len(trip_counts)} trip counts given")
     cls_count: dict[str, float] = collections.Counter()
@@ -205,7 +226,7 @@ class Config:
     blocks_per_program: int
     dram_bytes_per_block: float
     floor_bytes_per_block: float
-    trip_counts: tuple[int, ...] = ()
+    trip_counts: tuple[int, ...] | None = ()
     l1_lines_per_block: float | None = None
     num_stages: int = 2
 
@@ -409,7 +430,7 @@ def block_update_config(variant: str, b: int, blocks: int | None = None, warps: 
     if variant == "tile":
         d_blocks, d_warps = bu.default_launch_config(b, "tile")
         blocks, warps = blocks or d_blocks, warps or d_warps
-        trips, l1 = (b, b), None
+        trips, l1 = None, None  # loops: for k in range(B), trip counts read from the SASS
     elif variant == "lane":
         warps = warps or 4
         blocks = blocks or 32 * warps
