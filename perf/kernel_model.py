@@ -69,6 +69,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import resource_report as rr  # noqa: E402  (sibling script: compiling for sm_90 and cuobjdump)
 
+PROBE_TRITON = "3.6.0"  # the triton version of the H100 probe timings (h100_probe.csv header)
 CALIBRATION_DIR = Path(os.environ.get("MBF_CALIBRATION_DIR", ROOT.parent / "shared" / "calibration"))
 
 # ------------------------------------------------------------------------------------------ the machine
@@ -82,7 +83,7 @@ SHARED_BYTES_PER_CLOCK = 128  # shared memory, per SM
 L1_LINES_PER_CLOCK = 1.0  # global memory through the L1: one 128-byte line per clock
 MAX_WARPS_PER_SM, MAX_PROGRAMS_PER_SM = 64, 32
 REGISTERS_PER_SM, SHARED_PER_SM = 65536, 228 * 1024
-CPI_1 = 6.0  # clocks between two instructions of a lone warp (fitted on the calibration probe)
+CPI_1 = 7.0  # clocks between two instructions of a lone warp (fitted on the calibration probe, NOTES)
 
 # SASS opcode -> class. Anything not listed only takes an issue slot (branches, uniform datapath, NOP...).
 _FP32 = {"FADD", "FMUL", "FFMA", "FADD32I", "FMUL32I", "FFMA32I", "FSWZADD", "HFMA2", "HADD2", "HMUL2"}
@@ -456,7 +457,11 @@ def mix_str(p: Prediction) -> str:
 
 
 def print_calibration(rows: list[dict]) -> float:
+    import triton
+
     print("## Calibration: gj_probe_kernel (model prediction vs H100 measurement, h100_probe.csv)")
+    print(f"SASS from triton {triton.__version__}; the probe was timed with triton {PROBE_TRITON} (compile with "
+          "that version to calibrate: the SASS of the same kernel differs between versions)")
     print(f"CPI_1 = {CPI_1} (fitted), clock {CLOCK_HZ / 1e9:.2f} GHz, {SMS} SMs, copy {COPY_BYTES_PER_S / 1e12} TB/s")
     print("| b | blocks | BM | regs | warps/SMSP | measured ms | model prediction ms | pred/meas | limiter |")
     print("|---|---|---|---|---|---|---|---|---|")
