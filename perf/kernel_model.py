@@ -164,20 +164,32 @@ def loops(instrs: list[Instr]) -> list[tuple[int, int]]:
 
 
 def infer_trip_count(instrs: list[Instr], lo: int, hi: int) -> int:
-    """Trip count of the loop ``[lo, hi]`` from its SASS: a register stepped by an immediate
-    (``VIADD/IADD3 Rk, Rk, step``) and compared with an immediate bound (``ISETP.NE/LT/GE ... Rk, bound``),
-    counting from 0 (Triton's ``for k in range(B)`` with a constexpr ``B``)."""
+    """Trip count of the loop ``[lo, hi]`` from its SASS: a (uniform) register stepped by an immediate
+    (``VIADD/IADD3/UIADD3 Rk, Rk, step``) and either compared with an immediate bound counting from 0
+    (``ISETP.NE ... Rk, bound``: Triton's ``for k in range(B)``) or counted down to zero from an immediate
+    set before the loop (``UMOV/MOV Rk, start`` ... ``ISETP.NE ... RZ, Rk``: a loop the compiler unrolled
+    by ``|step|``)."""
     body = [i for i in instrs if lo <= i.addr <= hi]
+    reg = r"(U?R\d+)"
+    imm = r"(-?0x[0-9a-f]+|-?\d+)"
     steps = {}
     for i in body:
-        m = re.fullmatch(r"(R\d+), (R\d+), (0x[0-9a-f]+|\d+)", i.operands.replace(", RZ", ""))
-        if i.op in ("VIADD", "IADD3") and m and m[1] == m[2]:
+        m = re.fullmatch(rf"{reg}, {reg}, {imm}", i.operands.replace(", URZ", "").replace(", RZ", ""))
+        if i.op in ("VIADD", "IADD3", "UIADD3") and m and m[1] == m[2]:
             step = int(m[3], 0)
             steps[m[1]] = step - (1 << 32) if step >= 1 << 31 else step  # 0xffffffff: -1
     for i in body:
-        m = re.search(r"P\d, PT, (R\d+), (-?0x[0-9a-f]+|-?\d+), P", i.operands + ", P")
-        if i.op == "ISETP" and m and steps.get(m[1]) and int(m[2], 0) * steps[m[1]] > 0:
+        if i.op not in ("ISETP", "UISETP"):
+            continue
+        m = re.search(rf"U?P\d, U?PT, {reg}, {imm}, U?P", i.operands + ", P")
+        if m and steps.get(m[1]) and int(m[2], 0) * steps[m[1]] > 0:
             return -(-int(m[2], 0) // steps[m[1]])
+        m = re.search(rf"U?P\d, U?PT, U?RZ, {reg}, U?P", i.operands + ", P")
+        if m and steps.get(m[1], 0) < 0:
+            for j in reversed([j for j in instrs if j.addr < lo]):
+                mv = re.fullmatch(rf"{m[1]}, {imm}", j.operands)
+                if j.op in ("MOV", "UMOV") and mv:
+                    return -(-int(mv[1], 0) // -steps[m[1]])
     raise ValueError(f"no trip count found for the loop at {lo:#x}-{hi:#x}; pass trip_counts")
 
 
