@@ -193,15 +193,25 @@ def infer_trip_count(instrs: list[Instr], lo: int, hi: int) -> int:
     raise ValueError(f"no trip count found for the loop at {lo:#x}-{hi:#x}; pass trip_counts")
 
 
-def weighted_counts(instrs: list[Instr], trip_counts: tuple[int, ...] | None = None) -> tuple[dict, dict]:
+def weighted_counts(instrs: list[Instr], trip_counts: tuple[int, ...] | None = None,
+                    default_trip: int | None = None) -> tuple[dict, dict]:
     """Executed warp instructions per warp by class, and further tallies (``predicated``, ``shared_bytes``,
     ``ld_bytes``, ``st_bytes``, ``spill_bytes``, ``mufu``, ``ld_128``...), loops times their trip counts.
 
     ``trip_counts``: one per loop in the order of their first address (outer loops first); None: read
-    from the SASS (:func:`infer_trip_count`)."""
+    from the SASS (:func:`infer_trip_count`), or ``default_trip`` where the SASS does not say (the loop's
+    source trip count: the compiler's partial unrolling then makes it an overestimate)."""
     found = loops(instrs)
     if trip_counts is None:
-        trip_counts = tuple(infer_trip_count(instrs, lo, hi) for lo, hi in found)
+        trips = []
+        for lo, hi in found:
+            try:
+                trips.append(infer_trip_count(instrs, lo, hi))
+            except ValueError:
+                if default_trip is None:
+                    raise
+                trips.append(default_trip)
+        trip_counts = tuple(trips)
     if len(found) != len(trip_counts):
         raise ValueError(f"the SASS has {len(found)} loops {found}; {len(trip_counts)} trip counts given")
     cls_count: dict[str, float] = collections.Counter()
@@ -241,6 +251,7 @@ class Config:
     floor_bytes_per_block: float
     trip_counts: tuple[int, ...] | None = ()
     l1_lines_per_block: float | None = None
+    default_trip: int | None = None
     num_stages: int = 2
 
 
@@ -309,7 +320,7 @@ def compile_config(cfg: Config):
 
 def predict(cfg: Config) -> Prediction:
     instrs, res, shared = compile_config(cfg)
-    counts, extra = weighted_counts(instrs, cfg.trip_counts)
+    counts, extra = weighted_counts(instrs, cfg.trip_counts, cfg.default_trip)
     scale = cfg.num_warps / cfg.blocks_per_program  # per warp -> per mini-block
     per_block = {k: v * scale for k, v in {**counts, **extra}.items()}
     per_block["total"] = sum(counts.values()) * scale
@@ -453,7 +464,8 @@ def block_update_config(variant: str, b: int, blocks: int | None = None, warps: 
     constexprs = {"B": b, "B_PAD": triton.next_power_of_2(b), "T": tril(b), "BLOCKS": blocks, "HAS_SKIP": True,
                   "LANE": variant == "lane", "LOG_CHUNK": log_chunk}
     return Config(f"{variant} b={b} blocks={blocks} warps={warps}", bu._damped_block_update_kernel,
-                  rr.BLOCK_UPDATE_SIG, constexprs, warps, blocks, floor_bytes(b), floor_bytes(b), trips, l1)
+                  rr.BLOCK_UPDATE_SIG, constexprs, warps, blocks, floor_bytes(b), floor_bytes(b), trips, l1,
+                  default_trip=b if variant == "tile" else None)
 
 
 def mix_str(p: Prediction) -> str:
