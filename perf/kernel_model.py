@@ -48,6 +48,12 @@ Usage::
 
     python perf/kernel_model.py            # calibration, every solve variant and b, the summary line
     python perf/kernel_model.py --quick    # b = 9 only, no calibration (CI smoke)
+
+Calibrate with the triton that timed the probe (3.6.0; the SASS of one kernel differs a lot between
+versions), e.g. ``pip install --target /tmp/t36 --no-deps triton==3.6.0`` and
+``PYTHONPATH=/tmp/t36 python perf/kernel_model.py --calibration-only``. Compiled SASS is cached in
+``~/.cache/mbf_triton/kernel_model`` (``MBF_MODEL_CACHE``): the fully unrolled probe at b = 64 takes tens of
+minutes to compile on a small CPU.
 """
 
 from __future__ import annotations
