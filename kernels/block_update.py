@@ -10,7 +10,21 @@ For every mini-block ``i`` (storage conventions in :mod:`mbf_triton.reference`),
 Exactly :func:`mbf_triton.reference.damped_block_solve` followed by
 :func:`mbf_triton.reference.apply_update_`; the factor never leaves registers.
 
-Design: a program owns ``BLOCKS`` consecutive mini-blocks and holds them as one register tile
+Two variants compute this same function (``variant=``; the autotuner times both on a GPU, and without one
+the launchers take :func:`default_variant`, the pick of the calibrated static model ``perf/kernel_model.py``):
+
+* ``"lane"`` (``2 <= b <= LANE_MAX_B``): one mini-block per lane. Every entry of a block is a
+  ``(BLOCKS,)`` vector with one value per lane, and the damped Cholesky (by rows, in the packed order),
+  both substitutions and the update are fully unrolled scalar code over the packed triangle
+  (``tl.static_range`` over tuples): ``b^3/6 + b^2`` multiply-adds and ``b`` rsqrt per block, no padding
+  of odd sizes, no reductions. ``F`` rows are read as coalesced ``[BLOCKS, W]`` tiles of power-of-two
+  widths ``W`` (``T = 45 = 32 + 8 + 4 + 1``) split into columns in registers, or, where ``T % 4 == 0``,
+  as 16-byte vectors per lane (:func:`lane_log_chunk`); the gradient, momentum and parameter likewise.
+  ``F`` keeps its packed ``(n_blocks, T)`` layout: the model predicts that a tri-major ``(T, n_blocks)``
+  layout would not be faster (perf/NOTES.md).
+* ``"tile"``: described next.
+
+Design of ``"tile"``: a program owns ``BLOCKS`` consecutive mini-blocks and holds them as one register tile
 ``[BLOCKS, B_PAD, B_PAD]`` (``B_PAD`` = next power of two of ``b``), the symmetric matrix unpacked from
 the packed triangle by masked loads (no global traffic for the padding; padded entries are 0 and are
 never touched by the ``b`` steps of the loop). The factorisation is right-looking: step ``k`` extracts
@@ -28,11 +42,14 @@ import triton.language as tl
 
 from ._common import keep_step, skip_args
 
-__all__ = ["MAX_BLOCK_SIZE", "damped_block_update_", "default_launch_config", "grouped_block_update_"]
+__all__ = ["LANE_MAX_B", "MAX_BLOCK_SIZE", "VARIANTS", "damped_block_update_", "default_launch_config",
+           "default_variant", "grouped_block_update_", "lane_log_chunk"]
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_BLOCK_SIZE = 64  # the register tile holds B_PAD^2 floats per block; larger b use the torch path
 _MAX_B = MAX_BLOCK_SIZE
+LANE_MAX_B = 16  # the lane variant holds b(b+1)/2 + 2b values per lane: 255 registers at b = 16
+VARIANTS = ("tile", "lane")
 _RUNTIME_SCALARS = ["damping", "lr", "momentum", "weight_decay"]
 
 
@@ -129,19 +146,169 @@ def _solve_and_update(
 
 
 
+@triton.jit
+def _load_columns(ptr, off, start: tl.constexpr, LOG_W: tl.constexpr, limit, valid, BLOCKS: tl.constexpr):
+    """Columns ``start .. start+W-1`` (``W = 2**LOG_W``) of the rows ``ptr + off`` as a tuple of W
+    ``(BLOCKS,)`` fp32 vectors: one coalesced ``[BLOCKS, W]`` load (consecutive lanes read consecutive
+    addresses), then split into columns in registers (the compiler's layout change goes through shared
+    memory once, unless each lane's W entries are one vector). Entries at or past ``limit`` (per row; None:
+    no limit) read 0 and move no bytes."""
+    W: tl.constexpr = 1 << LOG_W
+    j = start + tl.arange(0, W)[None, :]
+    if limit is None:  # whole rows: a row mask only, so that aligned rows load as 8- or 16-byte vectors
+        tile = tl.load(ptr + off[:, None] + j, mask=valid[:, None], other=0.0)
+    else:
+        tile = tl.load(ptr + off[:, None] + j, mask=valid[:, None] & (j < limit[:, None]), other=0.0)
+    cols = (tile.to(tl.float32),)
+    for level in tl.static_range(LOG_W):  # cols[k] holds columns k::len(cols)
+        evens = ()
+        odds = ()
+        for k in tl.static_range(1 << level):
+            e, o = tl.split(tl.reshape(cols[k], [BLOCKS, W >> (level + 1), 2]))
+            evens = evens + (e,)
+            odds = odds + (o,)
+        cols = evens + odds
+    out = ()
+    for k in tl.static_range(W):
+        out = out + (tl.reshape(cols[k], [BLOCKS]),)
+    return out
+
+
+@triton.jit
+def _load_row(ptr, off, N: tl.constexpr, limit, valid, BLOCKS: tl.constexpr, LOG_CHUNK: tl.constexpr):
+    """The first ``N`` entries of the rows ``ptr + off`` as a tuple of N ``(BLOCKS,)`` vectors, loaded in
+    power-of-two chunks of at most ``2**LOG_CHUNK`` columns (an odd N such as 45 = 32 + 8 + 4 + 1 is not
+    padded)."""
+    out = ()
+    for c in tl.static_range(N >> LOG_CHUNK):
+        out = out + _load_columns(ptr, off, c << LOG_CHUNK, LOG_CHUNK, limit, valid, BLOCKS)
+    for bit in tl.static_range(LOG_CHUNK - 1, -1, -1):
+        if (N >> bit) & 1:
+            out = out + _load_columns(ptr, off, (N >> (bit + 1)) << (bit + 1), bit, limit, valid, BLOCKS)
+    return out
+
+
+@triton.jit
+def _store_columns(ptr, off, vals, first: tl.constexpr, LOG_W: tl.constexpr, limit, mask, BLOCKS: tl.constexpr):
+    """Store ``vals[first .. first+W-1]`` as columns ``first ..`` of the rows ``ptr + off``: the inverse of
+    :func:`_load_columns` (columns joined into one ``[BLOCKS, W]`` tile, one coalesced store)."""
+    W: tl.constexpr = 1 << LOG_W
+    cols = ()
+    for k in tl.static_range(W):
+        cols = cols + (tl.reshape(vals[first + k], [BLOCKS, 1]),)
+    for level in tl.static_range(LOG_W):  # cols[k] holds columns k::len(cols)
+        joined = ()
+        for k in tl.static_range(W >> (level + 1)):
+            joined = joined + (tl.reshape(tl.join(cols[k], cols[k + (W >> (level + 1))]), [BLOCKS, 2 << level]),)
+        cols = joined
+    j = first + tl.arange(0, W)[None, :]
+    tl.store(ptr + off[:, None] + j, cols[0].to(ptr.dtype.element_ty), mask=mask[:, None] & (j < limit[:, None]))
+
+
+@triton.jit
+def _store_row(ptr, off, vals, N: tl.constexpr, limit, mask, BLOCKS: tl.constexpr, LOG_CHUNK: tl.constexpr):
+    """The inverse of :func:`_load_row`: ``vals`` (N vectors) into the rows ``ptr + off`` where ``mask``."""
+    for c in tl.static_range(N >> LOG_CHUNK):
+        _store_columns(ptr, off, vals, c << LOG_CHUNK, LOG_CHUNK, limit, mask, BLOCKS)
+    for bit in tl.static_range(LOG_CHUNK - 1, -1, -1):
+        if (N >> bit) & 1:
+            _store_columns(ptr, off, vals, (N >> (bit + 1)) << (bit + 1), bit, limit, mask, BLOCKS)
+
+
+@triton.jit
+def _lane_solve_and_update(
+    f_ptr, g_ptr, p_ptr, m_ptr, blk0, n_blocks, keep, n_chunks, cols,
+    damping, lr, momentum, weight_decay,
+    B: tl.constexpr, T: tl.constexpr, BLOCKS: tl.constexpr, LOG_CHUNK: tl.constexpr,
+):
+    """:func:`_solve_and_update` with one mini-block per lane: every entry of a block is a ``(BLOCKS,)``
+    vector (one value per lane) and the factorisation is fully unrolled scalar code over the packed
+    triangle, ``b^3/6`` multiply-adds per block and no padding. Loads and stores are coalesced tiles split
+    into (joined from) columns in registers."""
+    # Blocks blk0 .. blk0 + BLOCKS - 1 (blk0 a multiple of BLOCKS). F rows from one scalar base with 32-bit
+    # offsets inside the program: fewer registers, and 16-byte loads where T % 4 == 0.
+    blk = blk0 + tl.arange(0, BLOCKS)
+    valid = blk < n_blocks
+    f_base = f_ptr + blk0 * T
+    f_off = tl.arange(0, BLOCKS) * T
+    a = _load_row(f_base, f_off, T, None, valid, BLOCKS, LOG_CHUNK)
+    r = blk // n_chunks
+    first = (blk - r * n_chunks) * B
+    voff = r * cols + first
+    vlim = cols - first  # entries of the block inside the row: B, or fewer in the short tail chunk
+    g = _load_row(g_ptr, voff, B, vlim, valid, BLOCKS, LOG_CHUNK)
+
+    # Cholesky by rows (packed order), forward substitution of row i right after it: fac holds L in packed
+    # order with 1 / L_ii in place of the diagonal; y = L^{-1} g.
+    ok = valid | ~valid
+    fac = ()
+    y = ()
+    for i in tl.static_range(B):
+        for j in tl.static_range(i + 1):
+            s = a[i * (i + 1) // 2 + j]
+            for k in tl.static_range(j):
+                s -= fac[i * (i + 1) // 2 + k] * fac[j * (j + 1) // 2 + k]
+            if j < i:
+                fac = fac + (s * fac[j * (j + 1) // 2 + j],)
+            else:
+                pivot = s + damping
+                ok = ok & (pivot > 0.0) & (pivot <= 3.4028234663852886e38)
+                fac = fac + (tl.rsqrt(pivot),)
+        t = g[i]
+        for k in tl.static_range(i):
+            t -= fac[i * (i + 1) // 2 + k] * y[k]
+        y = y + (t * fac[i * (i + 1) // 2 + i],)
+
+    # back substitution L^T x = y, from the last row up; then fallback, momentum, decay, step
+    xr = ()  # xr[B - 1 - i] = x_i
+    for i in tl.static_range(B - 1, -1, -1):
+        t = y[i]
+        for k in tl.static_range(i + 1, B):
+            t -= fac[k * (k + 1) // 2 + i] * xr[B - 1 - k]
+        xr = xr + (t * fac[i * (i + 1) // 2 + i],)
+    # m and p only now: loaded earlier (the compiler hoists loads) they would hold 2b registers through the
+    # factorisation, which spills at b = 16
+    tl.debug_barrier()
+    m = _load_row(m_ptr, voff, B, vlim, valid, BLOCKS, LOG_CHUNK)
+    p = _load_row(p_ptr, voff, B, vlim, valid, BLOCKS, LOG_CHUNK)
+    # The diagonal fallback reloads diag(F) and g only in the lanes that fall back (no traffic otherwise),
+    # so that neither stays live in registers through the factorisation.
+    fb = valid & ~ok
+    new_m = ()
+    new_p = ()
+    for i in tl.static_range(B):
+        fd = tl.load(f_base + f_off + i * (i + 3) // 2, mask=fb, other=1.0)
+        gi = tl.load(g_ptr + voff + i, mask=fb & (i < vlim), other=0.0).to(tl.float32)
+        d = tl.where(ok, xr[B - 1 - i], gi / (tl.where(fd < 0.0, 0.0, fd) + damping))
+        mi = m[i] * momentum + d
+        new_m = new_m + (mi,)
+        new_p = new_p + (p[i] * (1.0 - lr * weight_decay) - lr * mi,)
+    store = tl.where(keep, valid, False)
+    _store_row(m_ptr, voff, new_m, B, vlim, store, BLOCKS, LOG_CHUNK)
+    _store_row(p_ptr, voff, new_p, B, vlim, store, BLOCKS, LOG_CHUNK)
+    return tl.sum(tl.where(keep, valid & ~ok, False).to(tl.int32), axis=0)
+
+
 @triton.jit(do_not_specialize=_RUNTIME_SCALARS)
 def _damped_block_update_kernel(
     f_ptr, g_ptr, p_ptr, m_ptr, count_ptr, skip_ptr,
     n_blocks, n_chunks, cols,
     damping, lr, momentum, weight_decay,
     B: tl.constexpr, B_PAD: tl.constexpr, T: tl.constexpr, BLOCKS: tl.constexpr, HAS_SKIP: tl.constexpr,
+    LANE: tl.constexpr = False, LOG_CHUNK: tl.constexpr = 5,
 ):
     pid = tl.program_id(0).to(tl.int64)
     blk = pid * BLOCKS + tl.arange(0, BLOCKS)  # (BLOCKS,) int64
-    n_fallback = _solve_and_update(
-        f_ptr, g_ptr, p_ptr, m_ptr, blk, blk < n_blocks, keep_step(skip_ptr, HAS_SKIP), n_chunks, cols,
-        damping, lr, momentum, weight_decay, B, B_PAD, T, BLOCKS,
-    )
+    if LANE:
+        n_fallback = _lane_solve_and_update(
+            f_ptr, g_ptr, p_ptr, m_ptr, pid * BLOCKS, n_blocks, keep_step(skip_ptr, HAS_SKIP), n_chunks, cols,
+            damping, lr, momentum, weight_decay, B, T, BLOCKS, LOG_CHUNK,
+        )
+    else:
+        n_fallback = _solve_and_update(
+            f_ptr, g_ptr, p_ptr, m_ptr, blk, blk < n_blocks, keep_step(skip_ptr, HAS_SKIP), n_chunks, cols,
+            damping, lr, momentum, weight_decay, B, B_PAD, T, BLOCKS,
+        )
     tl.atomic_add(count_ptr, n_fallback, mask=n_fallback > 0)  # no atomic traffic in the common case
 
 
@@ -150,6 +317,7 @@ def _grouped_block_update_kernel(
     table_ptr, work_ptr, proto_ptr, count_ptr, skip_ptr,
     damping, lr, momentum, weight_decay,
     B: tl.constexpr, B_PAD: tl.constexpr, T: tl.constexpr, BLOCKS: tl.constexpr, HAS_SKIP: tl.constexpr,
+    LANE: tl.constexpr = False, LOG_CHUNK: tl.constexpr = 5,
 ):
     # Many parameters with the same b in one launch (as torch's foreach optimizers do): program ``pid``
     # takes BLOCKS mini-blocks of parameter ``work[pid, 0]`` from block ``work[pid, 1]`` on. Row ``t`` of
@@ -164,24 +332,54 @@ def _grouped_block_update_kernel(
     m_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
     n_blocks = tl.load(row + 4)
     blk = first + tl.arange(0, BLOCKS)
-    n_fallback = _solve_and_update(
-        f_ptr, g_ptr, p_ptr, m_ptr, blk, blk < n_blocks, keep_step(skip_ptr, HAS_SKIP), tl.load(row + 5),
-        tl.load(row + 6),
-        damping, lr, momentum, weight_decay, B, B_PAD, T, BLOCKS,
-    )
+    if LANE:
+        n_fallback = _lane_solve_and_update(
+            f_ptr, g_ptr, p_ptr, m_ptr, tl.multiple_of(first, BLOCKS), n_blocks, keep_step(skip_ptr, HAS_SKIP),
+            tl.load(row + 5),
+            tl.load(row + 6), damping, lr, momentum, weight_decay, B, T, BLOCKS, LOG_CHUNK,
+        )
+    else:
+        n_fallback = _solve_and_update(
+            f_ptr, g_ptr, p_ptr, m_ptr, blk, blk < n_blocks, keep_step(skip_ptr, HAS_SKIP), tl.load(row + 5),
+            tl.load(row + 6), damping, lr, momentum, weight_decay, B, B_PAD, T, BLOCKS,
+        )
     tl.atomic_add(count_ptr, n_fallback, mask=n_fallback > 0)
 
 
-def default_launch_config(b: int) -> tuple[int, int]:
-    """``(blocks_per_program, num_warps)`` for block size ``b``: about 8 tile floats per thread.
+def default_variant(b: int) -> str:
+    """The kernel variant for block size ``b`` without a GPU timing: ``"lane"`` (one mini-block per lane,
+    unrolled scalar code) for ``2 <= b <= LANE_MAX_B``, else ``"tile"``. Chosen by ``perf/kernel_model.py``
+    (a static model of the sm_90 SASS, calibrated on H100 timings of a probe kernel; see perf/NOTES.md):
+    a model prediction, to be replaced by the autotuner's timings on a GPU."""
+    return "lane" if 2 <= b <= LANE_MAX_B else "tile"
 
-    Chosen from the compiler's resource report (triton 3.9, sm_90, no GPU run): ptxas needs roughly
-    10-12 registers per tile float per thread, so 8 floats keeps a program near 80-90 registers with no
-    spills (b = 4, 9, 16, 32, 64), where the earlier 4096-float tiles took 250 registers (b = 9, 16) or
-    spilled (b = 4). Whether this is faster on the GPU is still to be measured (perf/NOTES.md).
+
+def lane_log_chunk(b: int) -> int:
+    """log2 of the widest column chunk the lane variant loads ``F`` in. With ``T = b(b+1)/2`` a multiple of
+    4, chunks of 4: each lane reads its own block's entries as 16-byte vectors and no layout change is
+    needed; else chunks of up to 32 columns read coalesced across lanes and are regrouped per lane through
+    shared memory (one block per lane reading scalars would touch one 128-byte line per entry and block:
+    ``perf/kernel_model.py`` predicts the L1, not DRAM, would then bound b = 9 and 16)."""
+    return 2 if (b * (b + 1) // 2) % 4 == 0 else 5
+
+
+def default_launch_config(b: int, variant: str | None = None) -> tuple[int, int]:
+    """``(blocks_per_program, num_warps)`` for block size ``b`` and ``variant`` (default
+    :func:`default_variant`).
+
+    ``"tile"``: about 8 tile floats per thread. Chosen from the compiler's resource report (triton 3.9,
+    sm_90, no GPU run): ptxas needs roughly 10-12 registers per tile float per thread, so 8 floats keeps a
+    program near 80-90 registers with no spills (b = 4, 9, 16, 32, 64), where the earlier 4096-float tiles
+    took 250 registers (b = 9, 16) or spilled (b = 4). ``"lane"``: one mini-block per lane, 4 warps
+    (8 for b >= 13, where 4 warps spill a few registers). Whether this is fastest on the GPU is still to be
+    measured (perf/NOTES.md).
     """
+    variant = default_variant(b) if variant is None else variant
     if b == 1:
         return 1024, 4
+    if variant == "lane":
+        warps = 8 if b >= 13 else 4
+        return 32 * warps, warps
     b_pad = triton.next_power_of_2(b)
     num_warps = 4 if b_pad <= 16 else (8 if b_pad <= 32 else 16)
     return max(1, (8 * 32 * num_warps) // (b_pad * b_pad)), num_warps
@@ -244,8 +442,18 @@ def _check_inputs(f, grad, param, momentum_buffer, b):
     return rows, cols, n_chunks, n_blocks, t
 
 
-def _launch_options(b, blocks_per_program, num_warps, num_stages):
-    default_blocks, default_warps = default_launch_config(b)
+def _check_variant(b: int, variant: str | None) -> str:
+    variant = default_variant(b) if variant is None else variant
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} must be one of {VARIANTS}")
+    if variant == "lane" and b > LANE_MAX_B:
+        raise ValueError(f"variant='lane' supports b <= {LANE_MAX_B} (registers), got b={b}")
+    return variant
+
+
+def _launch_options(b, blocks_per_program, num_warps, num_stages, variant):
+    """``(blocks, launch kwargs)``; the kernel's variant constexprs included."""
+    default_blocks, default_warps = default_launch_config(b, variant)
     blocks = default_blocks if blocks_per_program is None else blocks_per_program
     warps = default_warps if num_warps is None else num_warps
     _check_pow2("blocks_per_program", blocks)
@@ -255,6 +463,8 @@ def _launch_options(b, blocks_per_program, num_warps, num_stages):
         if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
             raise ValueError(f"num_stages={num_stages!r} must be an int >= 1")
         launch["num_stages"] = num_stages
+    if b > 1:
+        launch.update(LANE=variant == "lane", LOG_CHUNK=lane_log_chunk(b) if variant == "lane" else 0)
     return blocks, launch
 
 
@@ -274,6 +484,7 @@ def damped_block_update_(
     blocks_per_program: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    variant: str | None = None,
 ):
     """Damped mini-block Cholesky solve fused with the momentum / weight-decay update, in place.
 
@@ -285,13 +496,15 @@ def damped_block_update_(
     written and nothing is counted.
 
     ``blocks_per_program``, ``num_warps``, ``num_stages``: launch configuration (default:
-    :func:`default_launch_config`, Triton's default stages). Returns the compiled kernel that ran (None
-    under the interpreter or when there is nothing to do), so a tuner can read its register metadata.
+    :func:`default_launch_config`, Triton's default stages); ``variant``: ``"tile"`` or ``"lane"`` (``b <=
+    LANE_MAX_B``), default :func:`default_variant`; both compute the same function. Returns the compiled
+    kernel that ran (None under the interpreter or when there is nothing to do), so a tuner can read its
+    register metadata.
     """
     rows, cols, n_chunks, n_blocks, t = _check_inputs(f, grad, param, momentum_buffer, b)
     _check_counter(fallback_count, f.get_device())
     skip_ptr, has_skip = skip_args(skip, f)
-    blocks, launch = _launch_options(b, blocks_per_program, num_warps, num_stages)
+    blocks, launch = _launch_options(b, blocks_per_program, num_warps, num_stages, _check_variant(b, variant))
     if n_blocks == 0:
         return None
     # Plain Python floats: an int here would change the kernel signature and force a recompilation.
@@ -375,6 +588,7 @@ def grouped_block_update_(
     blocks_per_program: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    variant: str | None = None,
 ):
     """:func:`damped_block_update_` for many parameters of one block size and dtype in a single launch.
 
@@ -396,7 +610,7 @@ def grouped_block_update_(
         n_blocks.append(nb)
     _check_counter(fallback_count, fs[0].get_device())
     skip_ptr, has_skip = skip_args(skip, fs[0])
-    blocks, launch = _launch_options(b, blocks_per_program, num_warps, num_stages)
+    blocks, launch = _launch_options(b, blocks_per_program, num_warps, num_stages, _check_variant(b, variant))
     if sum(n_blocks) == 0:
         return None
     device = params[0].device

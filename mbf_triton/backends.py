@@ -13,8 +13,10 @@ other. :func:`get_backend` is the only place that decides which one runs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+import weakref
 
 import torch
 
@@ -29,17 +31,25 @@ class TorchBackend:
 
     name = "torch"
 
+    def __init__(self) -> None:
+        # (ids of the Fs) -> (weak refs to them, (versions, storage, damping), factor): see _factor
+        self._factors: dict[tuple[int, ...], tuple[list, tuple, ref.BlockFactor]] = {}
+
     def linear_fisher_ema_(
         self, f: torch.Tensor, x: torch.Tensor, gout: torch.Tensor, *, b: int, scale: float, decay: float,
         skip: torch.Tensor | None = None,
     ) -> None:
-        ref.fisher_ema_(f, ref.linear_fisher(x, gout, b, scale), decay, skip)
+        skipped, skip = self._host_skip(skip)
+        if not skipped:
+            ref.fisher_ema_(f, ref.linear_fisher(x, gout, b, scale), decay, skip)
 
     def conv_fisher_ema_(
         self, f: torch.Tensor, x: torch.Tensor, gout: torch.Tensor, *, geometry: ref.ConvGeometry, groups: int,
         scale: float, decay: float, skip: torch.Tensor | None = None,
     ) -> None:
-        ref.fisher_ema_(f, ref.conv_fisher(geometry.patches(x), gout, groups, scale), decay, skip)
+        skipped, skip = self._host_skip(skip)
+        if not skipped:
+            ref.fisher_ema_(f, ref.conv_fisher(geometry.patches(x), gout, groups, scale), decay, skip)
 
     def block_update_(
         self,
@@ -56,12 +66,8 @@ class TorchBackend:
         weight_decay: float,
         skip: torch.Tensor | None = None,
     ) -> None:
-        rows, cols = param.shape
-        d, fallback = ref.damped_block_solve(f, ref.to_blocks(grad.float(), b), damping)
-        fallback = ref.and_not_skipped(fallback, skip)  # a skipped step counts no fallback either
-        fallback_count.add_(fallback.sum().to(fallback_count.dtype))
-        ref.apply_update_(param, ref.from_blocks(d, rows, cols), momentum_buffer, lr, momentum, weight_decay,
-                          skip)
+        self.block_update_group_([(f, grad, param, momentum_buffer)], fallback_count, b=b, damping=damping, lr=lr,
+                                 momentum=momentum, weight_decay=weight_decay, skip=skip)
 
     def block_update_group_(
         self,
@@ -76,10 +82,59 @@ class TorchBackend:
         skip: torch.Tensor | None = None,
     ) -> None:
         """:meth:`block_update_` for several ``(f, grad, param, momentum_buffer)`` of one block size, dtype,
-        device and hyperparameters (the Triton backend does them in one launch)."""
-        for f, grad, param, buf in items:
-            self.block_update_(f, grad, param, buf, fallback_count, b=b, damping=damping, lr=lr,
-                               momentum=momentum, weight_decay=weight_decay, skip=skip)
+        device and hyperparameters: one batched solve over all their mini-blocks (the Triton backend does
+        them in one launch)."""
+        skipped, skip = self._host_skip(skip)
+        if skipped:
+            return
+        grads = [ref.to_blocks(grad.float(), b) for _, grad, _, _ in items]
+        g = grads[0] if len(grads) == 1 else torch.cat(grads)
+        if b == 1:  # scalar blocks: a division, nothing worth keeping
+            fs = [f for f, _, _, _ in items]
+            d, fallback = ref.damped_block_solve(fs[0] if len(fs) == 1 else torch.cat(fs), g, damping)
+        else:
+            factor = self._factor([f for f, _, _, _ in items], b, damping)
+            d, fallback = ref.block_solve(factor, g), factor.fallback
+        fallback = ref.and_not_skipped(fallback, skip)  # a skipped step counts no fallback either
+        fallback_count.add_(fallback.sum().to(fallback_count.dtype))
+        params = [param for _, _, param, _ in items]
+        ds = [ref.from_blocks(d_i, *param.shape) for param, d_i in zip(params, d.split([x.shape[0] for x in grads]))]
+        ref.apply_update_(params, ds, [buf for _, _, _, buf in items], lr, momentum, weight_decay, skip)
+
+    # Factors of F + damping I are kept between steps: F changes only on statistics steps (every
+    # ``stat_every`` steps), so the other steps cost two triangular substitutions. Valid while every F is
+    # the same tensor, unmodified since (torch's version counter: every in-place torch op on F bumps it),
+    # and damping is the same. A kernel that writes F through a pointer does not bump it: the Triton
+    # backend, whose statistics kernels do, never reuses factors.
+    reuse_factors = True
+    # A skip flag (and a factor's fallback mask) in host memory is read at no cost on the CPU: a set flag then
+    # skips the work, a clear one needs no guarded writes. The Triton backend reads no flag on the host (its
+    # work is meant to be queued without waiting, and its tests check that the step reads nothing).
+    reads_host_flags = True
+
+    def _host_skip(self, skip: torch.Tensor | None) -> tuple[bool, torch.Tensor | None]:
+        return ref.host_skip(skip) if self.reads_host_flags else (False, skip)
+
+    def _factor(self, fs: list[torch.Tensor], b: int, damping: float) -> ref.BlockFactor:
+        if not self.reuse_factors:
+            return self._new_factor(fs, b, damping)
+        key = tuple(id(f) for f in fs)
+        stamp = (tuple(f._version for f in fs), tuple(f.data_ptr() for f in fs), damping)
+        cache = self._factors
+        hit = cache.get(key)
+        if hit is not None and hit[1] == stamp and all(r() is f for r, f in zip(hit[0], fs)):
+            return hit[2]
+        factor = self._new_factor(fs, b, damping)
+        if hit is None:  # the entry goes when the first F does (the rest are checked by their weak refs)
+            weakref.finalize(fs[0], cache.pop, key, None)
+        cache[key] = ([weakref.ref(f) for f in fs], stamp, factor)
+        return factor
+
+    def _new_factor(self, fs: list[torch.Tensor], b: int, damping: float) -> ref.BlockFactor:
+        factor = ref.damped_cholesky(fs[0] if len(fs) == 1 else torch.cat(fs), b, damping)
+        if self.reads_host_flags and factor.fallback.device.type == "cpu":  # no fallback: the solve skips a select
+            factor = dataclasses.replace(factor, any_fallback=bool(factor.fallback.any()))
+        return factor
 
 
 class TritonBackend(TorchBackend):
@@ -92,10 +147,13 @@ class TritonBackend(TorchBackend):
     """
 
     name = "triton"
+    reuse_factors = False  # the statistics kernels write F without bumping its version counter
+    reads_host_flags = False
 
     def __init__(self, tuner: Tuner | None = None) -> None:
         from .kernels import block_update, fisher_stats
 
+        super().__init__()
         self._block_update = block_update
         self._fisher_stats = fisher_stats
         self._tuner = tuner
@@ -133,9 +191,12 @@ class TritonBackend(TorchBackend):
                             skip=None):  # noqa: D102
         # One launch for the whole group (launch latency dominates small models); a single parameter, or
         # b beyond the register tile, goes through the per-parameter path and its tuned configuration.
-        if len(items) == 1 or b > self._block_update.MAX_BLOCK_SIZE:
+        if b > self._block_update.MAX_BLOCK_SIZE:  # one batched torch solve
             return super().block_update_group_(items, fallback_count, b=b, damping=damping, lr=lr,
                                                momentum=momentum, weight_decay=weight_decay, skip=skip)
+        if len(items) == 1:
+            return self.block_update_(*items[0], fallback_count, b=b, damping=damping, lr=lr, momentum=momentum,
+                                      weight_decay=weight_decay, skip=skip)
         kw = dict(b=b, damping=damping, lr=lr, momentum=momentum, weight_decay=weight_decay)
         # every program runs the same per-block code as the single-parameter kernel: the group launches
         # with the configuration tuned for its largest member

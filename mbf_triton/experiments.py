@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .optimizer import MBF
+from .summary import format_summary, summarize
 
 OPTIMIZERS = ("mbf", "adam", "sgd")
 TASKS = ("autoencoder", "cnn", "resnet", "charlm", "tabular")
@@ -235,6 +236,8 @@ class History:
     val_loss: float = math.nan
     test_metric: float = math.nan
     diverged: bool = False
+    backend: str = "torch"  # what ran the optimizer: "torch", "triton", or MBF's mix ("triton+torch")
+    summary: str = ""  # MBF's opt.summary() after training (empty for the others)
 
     def epochs_to(self, target: float) -> float:
         """First epoch (1-based) whose training loss is <= target, or inf."""
@@ -308,7 +311,10 @@ def train(
         if not math.isfinite(train_loss) or train_loss > 1e3:
             hist.diverged = True
             break
-    if hasattr(opt, "remove_hooks"):
+    if isinstance(opt, MBF):
+        rows = summarize(opt)
+        hist.backend = "+".join(sorted({r.backend for r in rows}, reverse=True))
+        hist.summary = format_summary(opt)
         opt.remove_hooks()
     hist.val_loss, _ = _evaluate(task, model, data.x_val, data.y_val)
     _, hist.test_metric = _evaluate(task, model, data.x_test, data.y_test)

@@ -2,14 +2,13 @@
 
 One ``step()``, for every parameter with a gradient:
 
-1. statistics (every ``stat_every`` steps, and on a parameter's first step): the batch estimate
+1. statistics (on a parameter's first step, then every ``stat_every`` of its own steps): the batch estimate
    ``Fhat_i = (1/N) sum_n g_{n,i} g_{n,i}^T`` of each mini-block from exact per-sample gradients
-   (captured layer inputs and output gradients; :mod:`mbf_triton.capture`), folded into the running
+   (captured layer inputs and output gradients of the backward passes that ``.grad`` holds;
+   :mod:`mbf_triton.capture`), folded into the running
    estimate ``F_i <- stat_decay * F_i + (1 - stat_decay) * Fhat_i`` (``F_1 = Fhat_1``);
 2. direction ``d_i = (F_i + damping * I)^{-1} g_i``;
-3. update: ``p <- p * (1 - lr * weight_decay)``, ``m <- momentum * m + d``, ``p <- p - lr * m``;
-   by default (``graft="adam"``) each parameter's ``d`` is first rescaled to Adam's step length
-   (:mod:`mbf_triton.stepsize`); ``graft=None`` is the paper's method.
+3. update: ``p <- p * (1 - lr * weight_decay)``, ``m <- momentum * m + d``, ``p <- p - lr * m``.
 
 Steps 2-3 are one fused call of the backend (:mod:`mbf_triton.backends`). A gradient with NaN/Inf
 skips the whole step on the device (a flag every state-writing op reads), so ``step()`` never waits for
@@ -18,8 +17,6 @@ the GPU; the host reads the flag at the next step and settles its counters then.
 
 from __future__ import annotations
 
-import math
-import numbers
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -30,41 +27,16 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from . import distributed, skipflag
+from . import hyperparameters as hp
 from . import reference as ref
+from . import statistics as stats
 from .backends import BACKENDS, get_backend
-from .blocks import CONV_TYPES, Layout, layout_for
-from .capture import Capture, Record
+from .blocks import Layout, layout_for
+from .capture import Capture
 from .stepsize import FP32_STATE, StepSize
 
-LOSS_REDUCTIONS = ("mean", "sum")
 _FP32_STATE = ("F", "momentum_buffer", *FP32_STATE)  # kept in fp32 whatever the parameter's dtype
-
-
-def _check_number(name: str, value: Any, low: float, high: float, low_open: bool, high_open: bool) -> None:
-    allowed = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} must be a finite number in {allowed}")
-    lo_ok = value > low if low_open else value >= low
-    hi_ok = value < high if high_open else value <= high
-    if not (lo_ok and hi_ok):
-        raise ValueError(f"{name}={value!r} must be a finite number in {allowed}")
-
-
-def _check_group(group: dict[str, Any]) -> None:
-    """All per-group hyperparameters are validated here and nowhere else."""
-    lr = group["lr"]
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"lr must be a number or a one-element tensor, got shape {tuple(lr.shape)}")
-        lr = lr.item()
-    _check_number("lr", lr, 0.0, math.inf, False, True)
-    _check_number("momentum", group["momentum"], 0.0, 1.0, False, True)
-    _check_number("damping", group["damping"], 0.0, math.inf, True, True)
-    _check_number("stat_decay", group["stat_decay"], 0.0, 1.0, False, True)
-    _check_number("weight_decay", group["weight_decay"], 0.0, math.inf, False, True)
-    bs = group["block_size"]
-    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
-        raise ValueError(f"block_size={bs!r} must be an integer >= 1")
 
 
 @dataclass
@@ -97,53 +69,32 @@ class _Plan:
     batches: list[_Batch]
 
 
-@dataclass
-class _DiagBatch:
-    """The 1x1-block statistics of one device and decay, folded into ``F`` by one ``diag_fisher_ema_``:
-    parameters without per-sample data (their batch gradient) and layer biases (their batch statistic)."""
-
-    grad_fs: list[torch.Tensor]
-    grads: list[torch.Tensor]
-    fhat_fs: list[torch.Tensor]
-    fhats: list[torch.Tensor]
-    states: list[dict[str, Any]]
-
-
-@dataclass(eq=False)  # compared by identity (list.remove in _settle)
-class _Unsettled:
-    """A step whose skip flag the host has not read yet: its counters are provisional until then."""
-
-    flag: torch.Tensor  # the flag, on the host (a pinned copy of the device's) once ``event`` has completed
-    event: Any  # torch.cuda.Event recorded after the copy, or None when ``flag`` can be read as it is
-    counted: list[tuple[dict[str, Any], torch.Tensor]]  # (state, its F) whose ``stat_steps`` the step counted
-    first_statistics: bool  # some of them started their statistics in this step
-    counts_step: bool = True  # False for a step that raised: ``steps`` was not incremented
-
-
 class MBF(Optimizer):
     """Mini-block Fisher optimizer.
 
     Args:
-        model: the module being trained; hooks on its ``nn.Linear`` and ``nn.Conv1d/2d/3d`` layers capture
+        model: the module being trained; hooks on its ``nn.Linear``, ``nn.Conv1d/2d/3d`` and norm layers capture
             the per-sample information the statistics need. Call :meth:`remove_hooks` when done.
-        params: parameters or param-group dicts (default: the trainable parameters of ``model``).
-            Parameters outside ``model``'s supported layers use 1x1 blocks with the batch gradient.
+        params: parameters or param-group dicts (default: the trainable parameters of ``model``); all must be
+            parameters of ``model``. Parameters outside its supported layers use 1x1 blocks with the batch
+            gradient.
         lr: learning rate (>= 0).
         momentum: heavy-ball momentum on the preconditioned direction, in [0, 1).
         damping: ``lambda`` added to every mini-block's diagonal before the solve (> 0).
         stat_decay: exponential decay of the running Fisher estimate, in [0, 1).
         weight_decay: decoupled weight decay (>= 0).
         block_size: fan-in chunk of ``nn.Linear`` mini-blocks (>= 1; ``>= in_features`` is unit-wise).
-        stat_every: update the Fisher statistics every this many steps (>= 1); hooks capture nothing
-            on the other steps.
+        stat_every: update a parameter's Fisher statistics every this many of its own steps (>= 1); layers
+            whose statistics are not due capture nothing.
         loss_reduction: ``"mean"`` if the loss is the mean over the batch (PyTorch's default), ``"sum"``
             if it is the sum: it sets how per-sample gradients are recovered from the batch gradient.
         backend: ``"auto"`` (Triton kernels for CUDA tensors when triton is installed, else torch),
             ``"torch"`` (the reference path, any device) or ``"triton"``.
-        graft, kl_clip, stat_warmup: step-size options beyond the paper (:mod:`mbf_triton.stepsize`):
-            ``graft="adam"|"sgd"`` gives each parameter's step that optimizer's norm, ``kl_clip`` bounds
-            the step's quadratic model, ``stat_warmup`` takes statistics at every one of the first steps.
-            ``None, None, 0`` is the paper's method.
+        process_group: data parallelism (:mod:`mbf_triton.distributed`): ``"auto"`` (DDP's group, the FSDP2
+            mesh's, or the default group of an initialised torch.distributed), or ``None`` (no communication).
+        shard_curvature: under DDP, each rank keeps and updates the curvature and momentum of 1/world of
+            the mini-blocks, and the parameters are all-gathered (ZeRO-style); FSDP2 always shards them.
+        graft, kl_clip, stat_warmup: step-size options (:mod:`mbf_triton.stepsize`); ``graft=None`` is the paper's.
     """
 
     def __init__(
@@ -160,21 +111,20 @@ class MBF(Optimizer):
         stat_every: int = 10,
         loss_reduction: str = "mean",
         backend: str = "auto",
-        graft: str | None = "adam",
-        kl_clip: float | None = None,
-        stat_warmup: int = 0,
+        process_group: Any = "auto",
+        shard_curvature: bool = False, graft: str | None = "adam", kl_clip: float | None = None, stat_warmup: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if isinstance(stat_every, bool) or not isinstance(stat_every, int) or stat_every < 1:
             raise ValueError(f"stat_every={stat_every!r} must be an integer >= 1")
-        if loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(f"loss_reduction={loss_reduction!r} must be one of {LOSS_REDUCTIONS}")
+        if loss_reduction not in hp.LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction={loss_reduction!r} must be one of {hp.LOSS_REDUCTIONS}")
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
-        self.stepsize = StepSize(graft, kl_clip, stat_warmup)
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
+        self._constructing = model  # the model, while super().__init__ checks the groups
         defaults = dict(
             lr=lr, momentum=momentum, damping=damping, stat_decay=stat_decay,
             weight_decay=weight_decay, block_size=block_size,
@@ -183,29 +133,69 @@ class MBF(Optimizer):
         self.stat_every = stat_every
         self.loss_reduction = loss_reduction
         self.backend = backend
-        self._capture = Capture(model, params=[p for g in self.param_groups for p in g["params"]])
+        del self._constructing
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        # None in one process; else the group, the mode and which mini-blocks this rank owns
+        self._dp = distributed.resolve(model, all_params, process_group, bool(shard_curvature))
+        if shard_curvature and (self._dp is None or self._dp.mode != "sharded"):
+            raise ValueError("shard_curvature=True needs DDP (or an initialised process group of several ranks); "
+                             "FSDP2 shards the curvature by itself")
+        self.stepsize = StepSize(graft, kl_clip, stat_warmup).checked(self._dp)
+        self._capture = Capture(model, params=all_params)
+        self._capture.attach(self, all_params)
         # the hooks hold the capture, not the optimizer: an optimizer that is dropped takes its hooks along
         self._finalizer = weakref.finalize(self, self._capture.remove)
-        self._pending_capture = False  # a parameter is waiting for its first statistics
+        self._checked: tuple | None = None  # the hyperparameters last validated (re-checked when they change)
         self._plan_cache: _Plan | None = None
         # step: steps that updated; skipped_steps: steps whose gradients held NaN/Inf; calls: step() calls
         # with gradients, both kinds (the statistics schedule counts these: the host decides what to capture
         # before it knows whether the last step was skipped)
         self._counters = {"step": 0, "skipped_steps": 0, "calls": 0}
-        self._unsettled: list[_Unsettled] = []
+        self._unsettled: list[skipflag.Unsettled] = []
         self._fallback_total: dict[torch.device, torch.Tensor] = {}
         self._fallback_step: dict[torch.device, torch.Tensor] = {}
         self._sync_capture()
 
     # ------------------------------------------------------------------ torch.optim plumbing
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler passes grad_scale and found_inf (see step())
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if isinstance(param_group, dict):
+            hp.check_group_keys(param_group, self.defaults)
         super().add_param_group(param_group)
-        _check_group(self.param_groups[-1])
+        group = self.param_groups[-1]
+        hp.check_group(group)
+        model = self._constructing if hasattr(self, "_constructing") else self._capture._model()
+        if model is not None:
+            hp.check_params(group["params"], model, len(self.param_groups) - 1)
         self._plan_cache = None
         if hasattr(self, "_capture"):  # a group added after construction: hook its layers too
-            self._capture.watch(self.param_groups[-1]["params"])
+            self._capture.watch(group["params"])
+            self._capture.attach(self, group["params"])
+            self._sync_capture()
+
+    # ------------------------------------------------------------------ copies and pickles
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim keeps only defaults, state and param_groups; MBF needs its counters and capture too.
+        # The capture carries the model: a copy of (model, opt) trains the copied model.
+        self._settle()
+        state = dict(self.__dict__)
+        state.pop("_finalizer", None)
+        state["_plan_cache"] = None
+        state["_unsettled"] = []
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_capture" not in state:  # a pickle of torch.optim's state only: nothing to attach
+            return
+        params = [p for g in self.param_groups for p in g["params"]]
+        self._capture.attach(self, params)
+        self._finalizer = weakref.finalize(self, self._capture.remove)
+        self._sync_capture()
 
     def state_dict(self) -> dict[str, Any]:
+        """As torch.optim's, plus the counters; data parallel, as one process would hold it (a collective)."""
         self._settle()
         sd = super().state_dict()
         sd["mbf"] = {
@@ -214,12 +204,17 @@ class MBF(Optimizer):
             "stat_every": self.stat_every,
             "loss_reduction": self.loss_reduction,
         }
+        if self._dp is not None:  # the counters also in the groups: DCP's get_optimizer_state_dict keeps only those
+            sd = {**self._dp.full_state_dict(sd, self._assign_rows(), self.layout),
+                  "param_groups": [{**g, "mbf": sd["mbf"]} for g in sd["param_groups"]]}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._settle()  # the counters are exact if the checkpoint carries none
         state_dict = dict(state_dict)
-        extra = state_dict.pop("mbf", None)
+        groups = state_dict["param_groups"]  # the counters also ride in a data-parallel checkpoint's groups
+        extra = state_dict.pop("mbf", None) or next((g["mbf"] for g in groups if "mbf" in g), None)
+        state_dict["param_groups"] = [{k: v for k, v in g.items() if k != "mbf"} for g in groups]
         # torch.optim casts floating state to the parameter's dtype; the curvature and momentum must stay
         # fp32 (bit-exact resume of bf16 models), so they bypass that and only move device.
         saved_state = {pid: dict(s) for pid, s in state_dict["state"].items()}
@@ -227,11 +222,15 @@ class MBF(Optimizer):
         super().load_state_dict({**state_dict, "state": saved_state})
         self._plan_cache = None
         for group in self.param_groups:
-            _check_group(group)
+            hp.check_group(group)
         ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
+        if self._dp is not None:
+            self._assign_rows()
         for pid, p in zip(ids, params):
             for k, v in kept.get(pid, {}).items():
+                if self._dp is not None:  # this rank's rows of a whole checkpoint
+                    v = self._dp.local_state(p, self.layout(p), k, v)
                 self.state[p][k] = v.to(device=p.device, dtype=torch.float32)
         if extra is not None:
             step, skipped = int(extra["step"]), int(extra["skipped_steps"])
@@ -242,6 +241,9 @@ class MBF(Optimizer):
             if extra.get("fallback_blocks"):
                 device = next(p.device for g in self.param_groups for p in g["params"])
                 self._fallback_counter(device)[1].fill_(int(extra["fallback_blocks"]))
+        for state in self.state.values():
+            if "F" in state:
+                self._schedule_defaults(state)
         self._sync_capture()
 
     # ------------------------------------------------------------------ public counters
@@ -268,12 +270,18 @@ class MBF(Optimizer):
         group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
         return layout_for(param, self._capture.module_of(param), group["block_size"])
 
+    def summary(self) -> str:
+        """A table of every parameter: name, mini-block layout, backend, launch configuration of the fused
+        update (Triton), bytes of curvature state and the scale of diag F (:mod:`mbf_triton.summary`)."""
+        from .summary import format_summary
+
+        return format_summary(self)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """As torch.optim's, and drops the captured inputs/output gradients of backward passes that no
-        ``step()`` consumed (e.g. a step skipped by the caller); records still waiting for their backward
-        pass are kept."""
+        """As torch.optim's; the captured output gradients of the discarded gradients go with them (records
+        still waiting for their backward pass are kept: forward, ``zero_grad()``, backward is a common order)."""
         super().zero_grad(set_to_none=set_to_none)
-        self._capture.drop_completed()
+        self._capture.discard([p for g in self.param_groups for p in g["params"]])
 
     def remove_hooks(self) -> None:
         """Detach the optimizer's hooks from the model (it can no longer compute statistics)."""
@@ -282,6 +290,9 @@ class MBF(Optimizer):
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One update. Under ``torch.amp.GradScaler`` (``scaler.step(opt)``), the scaler's ``grad_scale`` and
+        ``found_inf`` (attributes it sets for optimizers with ``_step_supports_amp_scaling``) unscale the
+        gradients and the statistics on the device and join the skip flag: no host synchronisation."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -295,27 +306,51 @@ class MBF(Optimizer):
                       if p.grad is not None and p.numel() > 0]
             if not active:
                 return loss
+            self._check_changed_groups()
+            sparse = [tuple(p.shape) for _, p in active if p.grad.is_sparse]
+            if sparse:
+                raise ValueError(f"sparse gradients (parameters of shape {sparse}) are not supported by MBF")
+            grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+            if found_inf is not None and grad_scale is None:
+                raise RuntimeError(
+                    "GradScaler.unscale_(opt) was called before scaler.step(opt): MBF's statistics (captured "
+                    "output gradients) still carry the loss scale, which the scaler does not pass then; call "
+                    "scaler.step(opt) without unscale_ (see the README: mixed precision)")
             # Non-finite gradients skip the whole step on the device: every kernel and reference op that
             # writes state reads this flag, so the host does not wait for the check.
-            skip = self._nonfinite_flags([p.grad for _, p in active])
-            stat_step = self.stepsize.stat_step(self._counters["calls"], self.stat_every)
+            grads = [distributed.local(p.grad) for _, p in active]
+            skip = self._nonfinite_flags(grads, found_inf)
+            if self._dp is not None:  # the same decision on every rank
+                skip = {device: self._dp.agree(flag) for device, flag in skip.items()}
+            inv_scale = self._unscale_(grads, grad_scale)
             # everything that can fail is resolved before the first parameter changes: no partial steps
             plan = self._plan(active)
             lrs = {id(g): float(g["lr"]) for g in self.param_groups}  # one read of a tensor lr per group
-            self._pending_capture = False
             counted: list[tuple[dict[str, Any], torch.Tensor]] = []
+            scheduled: list[dict[str, Any]] = []  # states whose statistics ran: their next ones are scheduled
             first = False
             try:
-                diag: dict[tuple, _DiagBatch] = {}  # (device, decay) -> the 1x1-block statistics done together
-                for entry in plan.entries:
-                    first |= self._statistics(entry, stat_step, diag, skip, counted)
+                diag: dict[tuple, stats.DiagBatch] = {}  # (device, decay) -> the 1x1-block statistics done together
+                jobs = [(entry, *job) for entry in plan.entries
+                        if (job := self._statistics_job(entry, inv_scale)) is not None]
+                shared = [(e.param, e.layout, self.state[e.param]["F"], decay) for e, records, decay, _ in jobs
+                          if records]
+                # data parallel: the bucket the per-sample statistics go to, averaged across the ranks
+                exchange = distributed.exchange(self._dp, shared)  # in one process: nothing to exchange
+                for entry, records, decay, passes in jobs:
+                    scheduled.append(self.state[entry.param])
+                    first |= self._statistics(entry, records, decay, passes, diag, skip, counted, exchange)
+                exchange.start()  # async: the local 1x1 statistics below overlap it
                 for (device, decay), d in diag.items():
                     ref.diag_fisher_ema_(d.grad_fs + d.fhat_fs, d.grads, decay, skip[device], fhats=d.fhats)
                     for state in d.states:
                         first |= self._count_statistic(state, counted)
+                exchange.finish(skip)
                 grads = self.stepsize.scaled_gradients(plan.entries, self.state, lrs, skip)  # {}: the paper's method
                 for batch in plan.batches:
                     self._apply(batch, lrs[id(batch.group)], skip[batch.members[0].param.device], grads)
+                if self._dp is not None:
+                    self._dp.gather_parameters([(e.param, e.layout) for e in plan.entries])
             except BaseException:
                 # Statistics counted before the error were not folded in if the step was skipped: settle
                 # them now (a wait on the error path only). The call counts as no step either way.
@@ -325,51 +360,47 @@ class MBF(Optimizer):
             for device, step_count in self._fallback_step.items():
                 self._fallback_total[device].add_(step_count)
                 step_count.zero_()
+            for state in scheduled:
+                state["stat_next"] = state["calls"] + self.stepsize.stat_interval(state["calls"], self.stat_every)
+            for entry in plan.entries:  # each parameter's own schedule counts the calls it had a gradient in
+                self.state[entry.param]["calls"] += 1
             this = self._unsettled_step(skip, counted, first)
             self._unsettled.append(this)
             self._counters["calls"] += 1
             self._counters["step"] += 1  # provisional: _settle moves it to skipped_steps if the flag was set
             self._settle(wait=False)  # at once where the flag is on the host already (CPU)
-            if first and any(u is this for u in self._unsettled):
-                # Should this step turn out skipped, the layers that started their statistics in it start
-                # again in the next one, which then needs per-sample data: capture it, just in case.
-                self._pending_capture = True
         finally:
             self._capture.clear()
             self._sync_capture()
         return loss
 
+    def _check_changed_groups(self) -> None:
+        """Validate the groups' hyperparameters when they changed since the last check (a tuple compare)."""
+        key = hp.groups_key(self.param_groups)
+        if key != self._checked:
+            for group in self.param_groups:
+                hp.check_group(group)
+            self._checked = key
+
     def _sync_capture(self) -> None:
-        # capture during the forward/backward that precedes a statistics step
-        self._capture.capturing = self._pending_capture or self.stepsize.stat_step(self._counters["calls"],
-                                                                                    self.stat_every)
+        """Capture, in the next forward/backward, the layers whose statistics are due at their next step: a
+        first estimate, the schedule (every ``stat_every`` of the layer's own steps), or a first estimate made
+        in a step whose skip flag is not read yet (should it be skipped, the next step starts it again)."""
+        maybe_first = {id(s) for u in self._unsettled if u.first_statistics for s, _ in u.counted}
+        wanted = set()
+        for module, params in self._capture.layers():
+            for p in params:
+                state = self.state.get(p)
+                if (not state or state["stat_steps"] == 0 or state["calls"] >= state["stat_next"]
+                        or id(state) in maybe_first):
+                    wanted.add(id(module))
+                    break
+        self._capture.wanted = wanted
 
-    @staticmethod
-    def _nonfinite_flags(grads: list[torch.Tensor]) -> dict[torch.device, torch.Tensor]:
-        """Per device of ``grads``, a one-element bool flag, true if any gradient entry (on any device) is NaN
-        or Inf (max |g| is then NaN or Inf). A few small launches, no host synchronisation."""
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for g in grads:
-            by_device.setdefault(g.device, []).append(g)
-        # max |g| < inf is false for NaN and Inf (two ops where isfinite takes four)
-        bad = {device: (torch.stack(torch._foreach_norm(gs, math.inf)) < math.inf).all().logical_not()
-               for device, gs in by_device.items()}
-        if len(bad) > 1:  # one step on several devices: skipped everywhere or nowhere
-            anywhere = [torch.stack([b.to(device) for b in bad.values()]).any() for device in bad]
-            bad = dict(zip(bad, anywhere))
-        return {device: b.reshape(1) for device, b in bad.items()}
-
-    @staticmethod
-    def _unsettled_step(skip: dict[torch.device, torch.Tensor], counted: list, first: bool,
-                        counts_step: bool = True) -> _Unsettled:
-        flag = next(iter(skip.values()))  # the same value on every device
-        if flag.device.type != "cuda":
-            return _Unsettled(flag, None, counted, first, counts_step)
-        host = torch.empty(1, dtype=torch.bool, pin_memory=True)
-        host.copy_(flag, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(flag.device))
-        return _Unsettled(host, event, counted, first, counts_step)
+    # the device-side skip flag (mbf_triton.skipflag); class attributes, so that tests and tools can wrap them
+    _nonfinite_flags = staticmethod(skipflag.nonfinite_flags)
+    _unscale_ = staticmethod(skipflag.unscale_)
+    _unsettled_step = staticmethod(skipflag.unsettled_step)
 
     def _settle(self, wait: bool = True) -> None:
         """Read the skip flags of past steps and correct their provisional counters: a skipped step moves
@@ -390,9 +421,7 @@ class MBF(Optimizer):
                     self._counters["skipped_steps"] += 1
                 for state, f in u.counted:
                     if state.get("F") is f:  # not reset (state cleared, checkpoint loaded) since
-                        state["stat_steps"] -= 1
-                # statistics that were to start in it start in the next step, which needs per-sample data
-                self._pending_capture |= u.first_statistics
+                        state["stat_steps"] -= 1  # a first estimate undone is due again at the next step
 
     def _fallback_counter(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._fallback_step:
@@ -406,7 +435,7 @@ class MBF(Optimizer):
         then a few dictionary reads: the optimizer's host time matters on launch-bound models)."""
         # the groups are held by the plan, so their ids in the key cannot be reused while it lives
         key = (self.backend, tuple(g["block_size"] for g in self.param_groups),
-               tuple((id(g), id(p), p.data_ptr(), p.dtype, p.shape, p.stride()) for g, p in active))
+               tuple((id(g), id(p), distributed.local(p).data_ptr(), p.dtype, p.shape, p.stride()) for g, p in active))
         plan = self._plan_cache
         if plan is not None and plan.key == key:
             for entry in plan.entries:  # state reset by the caller, or a checkpoint loaded on another device
@@ -414,6 +443,9 @@ class MBF(Optimizer):
                 if not state or state["F"].device != device or state["momentum_buffer"].device != device:
                     self._prepare_state(entry)
             return plan
+        self._capture.track(p for _, p in active)  # e.g. unfrozen since: count its backward passes from now
+        if self._dp is not None:
+            self._assign_rows()
         entries = []
         batches: dict[tuple, _Batch] = {}
         for group, p in active:
@@ -427,59 +459,107 @@ class MBF(Optimizer):
         self._plan_cache = _Plan(key, entries, list(batches.values()))
         return self._plan_cache
 
+    def _assign_rows(self) -> list[torch.Tensor]:
+        """Data parallel: which rows of every parameter each rank owns; returns the parameters, in order."""
+        self._dp.assign([(p, layout_for(p, self._capture.module_of(p), g["block_size"]))
+                         for g in self.param_groups for p in g["params"] if p.numel() > 0])
+        return [p for g in self.param_groups for p in g["params"]]
+
     def _prepare_state(self, entry: _Entry) -> None:
         """The state of ``entry``'s parameter, created or moved to its device, and checked."""
         p, layout = entry.param, entry.layout
         state = self.state[p]
+        # data parallel with sharded curvature: F and the momentum of the rows this rank owns
+        n_rows = layout.rows if self._dp is None else self._dp.owned_rows(p, layout)
         if not state:
-            state["F"] = torch.zeros(layout.n_blocks, layout.tri, dtype=torch.float32, device=p.device)
-            state["momentum_buffer"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            state["F"] = torch.zeros(n_rows * layout.n_chunks, layout.tri, dtype=torch.float32, device=p.device)
+            shape = p.shape if n_rows == layout.rows else (n_rows, layout.cols)
+            state["momentum_buffer"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
             state["stat_steps"] = 0
+            state["calls"] = state["stat_next"] = 0  # the parameter's own statistics schedule
+        self._schedule_defaults(state)
         for key in _FP32_STATE:  # e.g. a checkpoint loaded before model.cuda()
             if key in state and state[key].device != p.device:
                 state[key] = state[key].to(p.device)
-        if state["F"].shape != (layout.n_blocks, layout.tri):
+        if state["F"].shape != (n_rows * layout.n_chunks, layout.tri):
             raise ValueError(
                 f"curvature state of shape {tuple(state['F'].shape)} does not match the parameter's mini-block "
                 f"layout {layout} (was block_size changed after the first step?)"
             )
 
-    def _statistics(self, entry: _Entry, stat_step: bool, diag: dict[tuple, _DiagBatch],
-                    skip: dict[torch.device, torch.Tensor], counted: list[tuple[dict[str, Any], torch.Tensor]],
-                    ) -> bool:
-        """Fold this step's batch Fisher into ``F`` when the schedule (or a first step) asks for it.
-        1x1-block statistics formed by torch ops (norm scales, biases) are collected in ``diag`` (done
-        together); the states whose ``stat_steps`` this counts go to ``counted``. True if this is ``F``'s
-        first statistic."""
+    def _schedule_defaults(self, state: dict[str, Any]) -> None:
+        if "calls" not in state:  # a checkpoint from before per-parameter schedules: the global one
+            calls = self._counters["calls"]
+            state["calls"], state["stat_next"] = calls, -(-calls // self.stat_every) * self.stat_every
+
+    def _statistics_job(self, entry: _Entry, inv_scale: dict[torch.device, torch.Tensor] | None,
+                        ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float, int] | None:
+        """None, or ``(records, decay, passes)`` if this step folds a batch Fisher into ``F``: the parameter's
+        own schedule asks for it (its first step with statistics, then every ``stat_every`` of its steps) and
+        the per-sample data it needs was captured."""
+        p, module = entry.param, entry.module
+        state = self.state[p]
+        if not (state["stat_steps"] == 0 or state["calls"] >= state["stat_next"]):
+            return None
+        passes = self._capture.passes(p)  # also notices a .grad replaced since the last backward
+        records = self._records(module, p, inv_scale) if module is not None else []
+        if module is not None and not records and self._capture.seen(module):
+            # A layer with no per-sample data for this gradient (first gradient off its schedule, a branch
+            # skipped when it was captured, an autograd.grad-only pass): it stays due and is captured, so its
+            # statistics come at its next step with captured data. Until its first, F = 0 (damping only):
+            # the batch gradient would be a ~N times too small estimate.
+            return None
+        return records, entry.group["stat_decay"] if state["stat_steps"] > 0 else 0.0, passes
+
+    def _statistics(self, entry: _Entry, records: list[tuple[torch.Tensor, torch.Tensor]], decay: float,
+                    passes: int, diag: dict[tuple, stats.DiagBatch], skip: dict[torch.device, torch.Tensor],
+                    counted: list[tuple[dict[str, Any], torch.Tensor]],
+                    exchange: distributed.Exchange = distributed.NO_EXCHANGE) -> bool:
+        """Fold this step's batch Fisher into ``F`` (or, data parallel, write the local one to ``exchange``,
+        which averages and folds it). 1x1-block statistics formed by torch ops (norm scales, biases, batch
+        gradients) are collected in ``diag`` (done together); the states whose ``stat_steps`` this counts go
+        to ``counted``. True if this is ``F``'s first statistic."""
         p, module, layout = entry.param, entry.module, entry.layout
         state = self.state[p]
-        if not (stat_step or state["stat_steps"] == 0):
-            return False
-        records = self._capture.complete_records(module) if module is not None else []
-        if state["stat_steps"] == 0 and not stat_step and module is not None and not records:
-            # First gradient of a layer off the statistics schedule (added, unfrozen, or unused so far): no
-            # per-sample data was captured. Step with F = 0 (damping only) and capture for the next step
-            # rather than starting F from the batch gradient, which is ~N times too small.
-            self._pending_capture = True
-            return False
-        decay = entry.group["stat_decay"] if state["stat_steps"] > 0 else 0.0
-        if layout.b == 1 and not (records and p is module.weight):
-            # 1x1 blocks whose statistic torch ops form (norm scales, biases): folded together with the others
-            # of this device and decay; the caller counts them
-            d = diag.setdefault((p.device, decay), _DiagBatch([], [], [], [], []))
+        if exchange.active and records:
+            slot = exchange.slot(p)  # NaN-filled: what no statistic reaches stays non-finite
+            fhat = stats.batch_statistics(entry.backend, p, module, layout, slot, 0.0, records, skip[p.device],
+                                          self.loss_reduction)
+            if fhat is not None:
+                slot.copy_(fhat)
+            return self._count_statistic(state, counted)
+        if layout.kind == "diag":
+            # 1x1 blocks whose statistic torch ops form (norm scales, biases, batch gradients): folded together
+            # with the others of this device and decay; the caller counts them
+            d = diag.setdefault((p.device, decay), stats.DiagBatch([], [], [], [], []))
             if records:
                 d.fhat_fs.append(state["F"])
-                d.fhats.append(self._batch_statistics(entry.backend, p, module, layout, state["F"], decay, records,
-                                                      skip[p.device]))
+                d.fhats.append(stats.batch_statistics(entry.backend, p, module, layout, state["F"], decay, records,
+                                                      skip[p.device], self.loss_reduction))
             else:
                 d.grad_fs.append(state["F"])
-                d.grads.append(p.grad)
+                d.grads.append(self._owned(entry, stats.mean_gradient(p.grad, passes, self.loss_reduction)))
             d.states.append(state)
             return False
-        fhat = self._batch_statistics(entry.backend, p, module, layout, state["F"], decay, records, skip[p.device])
+        grad = None if records else self._owned(entry, stats.mean_gradient(p.grad, passes, self.loss_reduction))
+        fhat = stats.batch_statistics(entry.backend, p, module, layout, state["F"], decay, records, skip[p.device],
+                                      self.loss_reduction, grad=grad)
         if fhat is not None:  # formed by torch ops: no kernel folded it in
             ref.fisher_ema_(state["F"], fhat, decay, skip[p.device])
         return self._count_statistic(state, counted)
+
+    def _records(self, module: nn.Module, p: torch.Tensor, inv_scale: dict[torch.device, torch.Tensor] | None,
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(input, output gradient)`` of the passes ``p.grad`` holds; unscaled like the gradients under AMP."""
+        records = self._capture.records_for(module, p)
+        if inv_scale is None:
+            return records
+        return [(x, g.float() * inv_scale[g.device]) for x, g in records]
+
+    def _owned(self, entry: _Entry, t: torch.Tensor) -> torch.Tensor:
+        """The rows of ``entry``'s parameter or gradient ``t`` whose curvature this rank keeps, as a matrix."""
+        t = distributed.local(t).contiguous()
+        return entry.layout.matrix(t) if self._dp is None else self._dp.owned(t, entry.param, entry.layout)
 
     @staticmethod
     def _count_statistic(state: dict[str, Any], counted: list[tuple[dict[str, Any], torch.Tensor]]) -> bool:
@@ -495,16 +575,19 @@ class MBF(Optimizer):
         for entry in batch.members:
             p, layout = entry.param, entry.layout
             state = self.state[p]
+            if state["F"].shape[0] == 0:  # sharded curvature: none of its rows is this rank's
+                continue
             buf = state["momentum_buffer"]
             if entry.momentum_view is None or entry.momentum_view[0] is not buf:
-                entry.momentum_view = (buf, layout.matrix(buf))
-            data = p.data  # a new tensor object at every access: read it once
+                entry.momentum_view = (buf, buf.view(-1, layout.cols))
+            data = distributed.local(p.data)  # a new tensor object at every access: read it once
             if not data.is_contiguous():  # updated through a contiguous copy, written back below
                 data = data.contiguous()
                 copies.append((p, data))
-            grad = grads.get(p, p.grad)  # the rescaled gradient where a step-size option is on
-            grad = grad if grad.is_contiguous() else grad.contiguous()
-            items.append((state["F"], layout.matrix(grad), layout.matrix(data), entry.momentum_view[1]))
+            grad = self._owned(entry, grads.get(p, p.grad))  # rescaled where a step-size option is on
+            items.append((state["F"], grad, self._owned(entry, data), entry.momentum_view[1]))
+        if not items:
+            return
         group = batch.group
         batch.backend.block_update_group_(
             items, self._fallback_counter(batch.members[0].param.device)[0], b=batch.b,
@@ -512,77 +595,6 @@ class MBF(Optimizer):
             skip=skip,
         )
         for p, work in copies:
-            p.data.copy_(work)
+            distributed.local(p.data).copy_(work)
 
     # ------------------------------------------------------------------ statistics
-    def _sample_scale(self, n: int) -> float:
-        """Factor turning the captured gradient of the reduced loss into a per-sample gradient."""
-        return float(n) if self.loss_reduction == "mean" else 1.0
-
-    def _batch_statistics(
-        self, backend, p: torch.Tensor, module: nn.Module | None, layout: Layout, f: torch.Tensor, decay: float,
-        records: list[Record], skip: torch.Tensor,
-    ) -> torch.Tensor | None:
-        """This step's batch Fisher of ``p``: folded into ``f`` by the backend's kernel (returns None), or
-        returned packed, ``(n_blocks, T)``, where torch ops form it (biases, rare paths)."""
-        if not records:
-            # No per-sample information: the batch gradient stands in for one sample, Fhat_i = g_i g_i^T.
-            g = ref.to_blocks(layout.matrix(p.grad.contiguous()).float(), layout.b)
-            return ref.outer_fisher(g[None])
-        if isinstance(module, CONV_TYPES):
-            return self._conv_statistics(backend, p, module, layout, f, decay, records, skip)
-        return self._linear_statistics(backend, p, module, layout, f, decay, records, skip)
-
-    def _linear_statistics(self, backend, p, module, layout, f, decay, records: list[Record], skip):
-        xs = [r.input.reshape(-1, module.in_features) for r in records]
-        gs = [r.grad_output.reshape(-1, module.out_features) for r in records]
-        x, gout, scale = self._pool(xs, gs)
-        if p is module.weight:
-            backend.linear_fisher_ema_(f, x, gout, b=layout.b, scale=scale, decay=decay, skip=skip)
-            return None
-        return gout.float().square().mean(dim=0).mul_(scale * scale)[:, None]  # bias: per-sample scale * gout[m]
-
-    def _conv_statistics(self, backend, p, module, layout, f, decay, records: list[Record], skip):
-        d = len(module.kernel_size)
-        xs = [r.input if r.input.dim() == d + 2 else r.input.unsqueeze(0) for r in records]
-        gs = [r.grad_output if r.grad_output.dim() == d + 2 else r.grad_output.unsqueeze(0) for r in records]
-        if len({x.shape[1:] for x in xs}) > 1:  # records of different spatial sizes: pool the Fhats
-            n_total = sum(x.shape[0] for x in xs)
-            return sum(x.shape[0] * self._conv_fhat(p, module, x, g, self._sample_scale(x.shape[0]))
-                       for x, g in zip(xs, gs)) / n_total
-        x, gout, scale = self._pool(xs, gs)
-        if p is module.weight:
-            backend.conv_fisher_ema_(f, x, gout, geometry=_conv_geometry(module), groups=module.groups,
-                                     scale=scale, decay=decay, skip=skip)
-            return None
-        return self._conv_fhat(p, module, x, gout, scale)
-
-    @staticmethod
-    def _conv_fhat(p, module, x, gout, scale: float) -> torch.Tensor:
-        """Reference batch Fisher of a conv weight or bias (rare paths: bias, mixed spatial sizes)."""
-        if p is module.weight:
-            return ref.conv_fisher(_conv_geometry(module).patches(x), gout, module.groups, scale)
-        per_sample = gout.float().flatten(2).sum(dim=2).mul_(scale)  # (N, C_out)
-        return per_sample.square().mean(dim=0)[:, None]
-
-    def _pool(self, xs: list[torch.Tensor], gs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Pool the samples of several records (each with its own per-sample scale) into one batch."""
-        if len(xs) == 1:
-            return xs[0], gs[0], self._sample_scale(xs[0].shape[0])
-        gs = [g * self._sample_scale(g.shape[0]) for g in gs]
-        return torch.cat(xs), torch.cat(gs), 1.0
-
-
-def _conv_padding(module: nn.Module) -> tuple[tuple[int, int], ...]:
-    k, dil = module.kernel_size, module.dilation
-    if isinstance(module.padding, str):
-        if module.padding == "valid":
-            return tuple((0, 0) for _ in k)
-        total = [di * (ki - 1) for ki, di in zip(k, dil)]  # "same"
-        return tuple((t // 2, t - t // 2) for t in total)
-    return tuple((pi, pi) for pi in module.padding)
-
-
-def _conv_geometry(module: nn.Module) -> ref.ConvGeometry:
-    return ref.ConvGeometry(tuple(module.kernel_size), tuple(module.stride), _conv_padding(module),
-                            tuple(module.dilation), module.padding_mode)

@@ -69,9 +69,17 @@ class StepSize:
         """True if the directions are rescaled (plain MBF otherwise)."""
         return self.graft is not None or self.kl_clip is not None
 
-    def stat_step(self, calls: int, stat_every: int) -> bool:
-        """Whether the step after ``calls`` earlier calls takes statistics."""
-        return calls < self.stat_warmup or calls % stat_every == 0
+    def stat_interval(self, calls: int, stat_every: int) -> int:
+        """Steps from a parameter's statistics at its own step ``calls`` (0-based) to its next ones."""
+        return 1 if calls + 1 < self.stat_warmup else stat_every
+
+    def checked(self, dp: Any) -> StepSize:
+        """Refuse rescaled steps where a rank holds only part of a parameter's curvature (its norms would
+        be partial); one process and replicated DDP are fine."""
+        if self.scales_steps and dp is not None and dp.mode != "replicated":
+            raise ValueError(f"graft={self.graft!r}, kl_clip={self.kl_clip!r} need one process or replicated DDP "
+                             f"(got {dp.mode!r} curvature); pass graft=None, kl_clip=None")
+        return self
 
     def scaled_gradients(self, entries: list[Any], states: dict[torch.Tensor, dict[str, Any]],
                          lrs: dict[int, float], skip: dict[torch.device, torch.Tensor],

@@ -2,10 +2,12 @@
 
 What is timed, per block size ``b`` and number of mini-blocks ``n`` (fp32, damping 1e-2):
 
-* ``triton``: ``damped_block_update_`` on packed ``F (n, b(b+1)/2)``, ``grad``, ``param``, ``momentum``
-  ``(n, b)``: damping, Cholesky, both substitutions, diagonal fallback, momentum, weight decay and the
-  parameter write, in one launch. Bytes moved: F read + grad read + param read/write + momentum
-  read/write = ``4 n (b(b+1)/2 + 5b)``; GB/s and % of the measured copy rate use this count.
+* ``triton``: ``damped_block_update_`` (default variant; ``tile ms`` / ``lane ms``: each variant of
+  :mod:`mbf_triton.kernels.block_update` at its default launch, checked first) on packed
+  ``F (n, b(b+1)/2)``, ``grad``, ``param``, ``momentum`` ``(n, b)``: damping, Cholesky, both
+  substitutions, diagonal fallback, momentum, weight decay and the parameter write, in one launch.
+  Bytes moved: F read + grad read + param read/write + momentum read/write = ``4 n (b(b+1)/2 + 5b)``;
+  GB/s and % of the measured copy rate use this count.
 * vendor paths through torch on the dense damped matrices ``A = unpack(F) + damping I (n, b, b)``
   (unpacked and damped *outside* the timed region, which favours them), ``check_errors=False``:
   ``chol`` = ``cholesky_ex`` + ``cholesky_solve``; ``solve`` = ``linalg.solve_ex``; ``inv`` = ``inv_ex`` +
@@ -226,6 +228,27 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, copy_gb
     row["triton_gbs"] = row["bytes"] / (row["triton_ms"] * 1e-3) / 1e9
     row["pct_copy"] = 100.0 * row["triton_gbs"] / copy_gbs
 
+    # ---- every kernel variant at its default launch (checks perf/kernel_model.py's predictions)
+    if args.blocks_per_program is None and args.num_warps is None:
+        from mbf_triton.kernels.block_update import LANE_MAX_B, VARIANTS, default_variant
+
+        row["triton_variant"] = default_variant(b)
+        for variant in VARIANTS:
+            if variant == "lane" and not 2 <= b <= LANE_MAX_B:
+                continue
+            verr = check_case(b, f_all[0, :c], g_all[0, :c], p_all[0, :c], m_all[0, :c], args.damping,
+                              {"variant": variant}, False)["triton_err"]
+            row[f"triton_{variant}_err"] = verr
+            if not verr <= tol:
+                row[f"triton_{variant}_ms"] = math.nan
+                continue
+
+            def fused_variant(k: int, variant: str = variant) -> None:
+                damped_block_update_(f_all[k], g_all[k], p_all[k], m_all[k], count, b=b, damping=args.damping,
+                                     lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, variant=variant)
+
+            row[f"triton_{variant}_ms"] = common.bench_ms(Rotating(fused_variant, sets), **timing)
+
     # ---- vendor paths on dense damped copies (built here, outside any timed region)
     if vendor_ok:
         dsets = n_sets_for(dense_bytes + 4 * n * b, device) if device.type == "cuda" else 2
@@ -309,12 +332,13 @@ def plot(rows: list[dict[str, Any]], path: Path, env: dict[str, str]) -> Path:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    header = ["b", "blocks", "triton ms", "chol ms", "solve ms", "inv ms", "best+apply ms", "ref ms",
-              "GB/s", "% copy", "speedup", "vs solve-only", "target"]
+    header = ["b", "blocks", "triton ms", "tile ms", "lane ms", "chol ms", "solve ms", "inv ms", "best+apply ms",
+              "ref ms", "GB/s", "% copy", "speedup", "vs solve-only", "target"]
     out = []
     for r in rows:
         best = r.get("best_vendor")
         out.append([r["b"], blocks_str(r["blocks"]), r.get("triton_ms", math.nan),
+                    r.get("triton_tile_ms", math.nan), r.get("triton_lane_ms", math.nan),
                     *(r.get(f"{v}_ms", math.nan) for v in VENDOR),
                     r.get(f"{best}_apply_ms", math.nan) if best else math.nan,
                     r.get("reference_ms", math.nan),

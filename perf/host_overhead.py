@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     # on a GPU: it is counted with the torch ops but kept out of the timed host work.
     real_flags = MBF._nonfinite_flags
     no_skip = torch.zeros(1, dtype=torch.bool)
-    MBF._nonfinite_flags = staticmethod(lambda grads: {grads[0].device: no_skip})
+    MBF._nonfinite_flags = staticmethod(lambda grads, found_inf=None: {grads[0].device: no_skip})
     print(f"torch {torch.__version__}; {len(stubbed)} Triton kernels stubbed; host time on this CPU, batch 2, "
           "finite check not timed (its ops are counted)")
     print("| model | tensors | statistics | host ms / step | Triton launches | other torch ops |")

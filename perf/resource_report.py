@@ -33,11 +33,13 @@ BLOCK_UPDATE_SIG = {
     "n_blocks": "i32", "n_chunks": "i32", "cols": "i32",
     "damping": "fp32", "lr": "fp32", "momentum": "fp32", "weight_decay": "fp32",
     "B": "constexpr", "B_PAD": "constexpr", "T": "constexpr", "BLOCKS": "constexpr", "HAS_SKIP": "constexpr",
+    "LANE": "constexpr", "LOG_CHUNK": "constexpr",
 }
 GROUPED_SIG = {
     "table_ptr": "*i64", "work_ptr": "*i64", "proto_ptr": "*bf16", "count_ptr": "*i32", "skip_ptr": "*u8",
     "damping": "fp32", "lr": "fp32", "momentum": "fp32", "weight_decay": "fp32",
     "B": "constexpr", "B_PAD": "constexpr", "T": "constexpr", "BLOCKS": "constexpr", "HAS_SKIP": "constexpr",
+    "LANE": "constexpr", "LOG_CHUNK": "constexpr",
 }
 LINEAR_SIG = {
     "f_ptr": _F, "part_ptr": _F, "x_ptr": _F, "g_ptr": _F, "skip_ptr": "*u8", "M": "i32", "n_in": "i32", "n_out": "i32",
@@ -65,38 +67,64 @@ def cuobjdump() -> Path:
     return path
 
 
-def resources(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int = 2) -> dict[str, int]:
-    """Registers, stack (spill) bytes and static shared memory of one compiled configuration (with the skip
-    flag, as the optimizer launches every kernel)."""
-    constexprs = {**constexprs, "HAS_SKIP": True}
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                            target=GPUTarget("cuda", ARCH, 32), options={"num_warps": num_warps,
-                                                                         "num_stages": num_stages})
+def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int = 2):
+    """One configuration of a ``triton.jit`` function compiled for sm_90 without a GPU (``.asm["cubin"]``,
+    ``.metadata.shared``: dynamic shared memory bytes). Pointer arguments are specialised as 16-byte aligned,
+    as a launch on torch tensors does; integer arguments are not (their values are unknown here)."""
+    names = [n for n in fn.arg_names if n in signature]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in names if signature[n].startswith("*")}
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", ARCH, 32), options={"num_warps": num_warps,
+                                                                       "num_stages": num_stages})
+
+
+def cuobjdump_text(cubin: bytes, flag: str) -> str:
+    """``cuobjdump <flag>`` (``-res-usage``, ``-sass``) of a cubin."""
     with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "k.cubin"
-        cubin.write_bytes(kernel.asm["cubin"])
-        out = subprocess.run([str(cuobjdump()), "-res-usage", str(cubin)], capture_output=True, text=True,
-                             check=True).stdout
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        return subprocess.run([str(cuobjdump()), flag, str(path)], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def parse_resources(out: str) -> dict[str, int]:
+    """Registers, stack and shared bytes from ``cuobjdump -res-usage`` output."""
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", out)
     if m is None:
         raise RuntimeError(f"unexpected cuobjdump output: {out[:200]}")
     return {"registers": int(m[1]), "stack": int(m[2]), "shared": int(m[3])}
 
 
+def resources(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int = 2) -> dict[str, int]:
+    """Registers, stack (spill) bytes and static shared memory of one compiled configuration (with the skip
+    flag, as the optimizer launches every kernel)."""
+    kernel = compile_sm90(fn, signature, {**constexprs, "HAS_SKIP": True}, num_warps, num_stages)
+    return parse_resources(cuobjdump_text(kernel.asm["cubin"], "-res-usage"))
+
+
 def rows(quick: bool) -> list[tuple[str, str, dict]]:
     out = []
     for b in ((9,) if quick else (2, 4, 9, 16, 25, 27, 32, 49, 64)):
-        blocks, warps = bu.default_launch_config(b)
+        blocks, warps = bu.default_launch_config(b, "tile")
         b_pad = triton.next_power_of_2(b)
         r = resources(bu._damped_block_update_kernel, BLOCK_UPDATE_SIG,
-                      {"B": b, "B_PAD": b_pad, "T": b * (b + 1) // 2, "BLOCKS": blocks}, warps)
-        out.append(("block_update", f"b={b} blocks={blocks} warps={warps}", r))
-    for b in ((1, 9) if quick else (1, 9, 16, 32)):
-        blocks, warps = bu.default_launch_config(b)
+                      {"B": b, "B_PAD": b_pad, "T": b * (b + 1) // 2, "BLOCKS": blocks, "LANE": False,
+                       "LOG_CHUNK": 5}, warps)
+        out.append(("block_update", f"tile b={b} blocks={blocks} warps={warps}", r))
+    for b in ((9,) if quick else (2, 4, 9, 13, 16)):  # the lane variant (one mini-block per lane)
+        blocks, warps = bu.default_launch_config(b, "lane")
+        r = resources(bu._damped_block_update_kernel, BLOCK_UPDATE_SIG,
+                      {"B": b, "B_PAD": triton.next_power_of_2(b), "T": b * (b + 1) // 2, "BLOCKS": blocks,
+                       "LANE": True, "LOG_CHUNK": bu.lane_log_chunk(b)}, warps)
+        out.append(("block_update", f"lane b={b} blocks={blocks} warps={warps}", r))
+    for b, variant in (((1, "tile"), (9, "tile")) if quick else
+                       ((1, "tile"), (9, "tile"), (16, "tile"), (32, "tile"), (9, "lane"), (16, "lane"))):
+        blocks, warps = bu.default_launch_config(b, variant)
         b_pad = triton.next_power_of_2(b)
         r = resources(bu._grouped_block_update_kernel, GROUPED_SIG,
-                      {"B": b, "B_PAD": b_pad, "T": b * (b + 1) // 2, "BLOCKS": blocks}, warps)
-        out.append(("grouped_block_update", f"b={b} blocks={blocks} warps={warps} bf16", r))
+                      {"B": b, "B_PAD": b_pad, "T": b * (b + 1) // 2, "BLOCKS": blocks, "LANE": variant == "lane",
+                       "LOG_CHUNK": bu.lane_log_chunk(b)}, warps)
+        out.append(("grouped_block_update", f"{variant} b={b} blocks={blocks} warps={warps} bf16", r))
     for b, n_out, precision in (() if quick else ((9, 512, "ieee"), (16, 1000, "ieee"), (32, 256, "ieee"),
                                                    (64, 256, "ieee"), (16, 1000, "tf32x3"))):
         t = b * (b + 1) // 2

@@ -11,6 +11,10 @@
 #   step   perf/bench_step.py: training iteration / optimizer step, MBF vs Adam(fused) and SGD
 #   tune   python -m mbf_triton tune: autotuner sweeps of the fused update and of the statistics kernels,
 #          tuned vs heuristic timed again after each sweep (issue 4's check)
+#   nccl   (2+ GPUs; not in the default list; NOT YET RUN: the lent machines have one GPU) data-parallel MBF
+#          on NCCL: examples/data_parallel.py under torchrun on every GPU, DDP replicated, DDP with sharded
+#          curvature and FSDP2, each against one process on the global batch (--check-parity, rel. diff
+#          below 1e-4 passes), and the three modes' losses must agree
 # The stages write into a fresh work folder; ${OUT:-perf/out} then gets at most 8 files: summary.md,
 # results.tar.gz (every CSV, plot, summary and log), the three plots and the three main CSVs, so that
 # tools which bring back only a few files get all of it. The summary comes last on stdout. Stages keep
@@ -22,7 +26,7 @@ PY=${PYTHON:-python3}
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(tests solve step tune)
 for s in "${STAGES[@]}"; do
-  case "$s" in tests|solve|step|tune) ;; *) echo "unknown stage '$s' (tests solve step tune)"; exit 2;; esac
+  case "$s" in tests|solve|step|tune|nccl) ;; *) echo "unknown stage '$s' (tests solve step tune nccl)"; exit 2;; esac
 done
 mkdir -p "$OUT"
 OUTPUTS=(summary.md results.tar.gz solve_speedup.png step_time.png autotune.png solve.csv step.csv
@@ -75,6 +79,26 @@ for s in "${STAGES[@]}"; do
            run_stage tune_stats "${TUNE_STATS_TIMEOUT:-150}" $PY -m mbf_triton tune --out "$WORK/tune_stats" \
              --kernel linear_stats conv_stats --b 9 16 --blocks 10000 --samples 128 --positions 256 \
              --time-budget-s "${TUNE_STATS_BUDGET:-100}" ;;
+    nccl)  NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
+           if [ "${NGPU:-0}" -lt 2 ]; then
+             echo "nccl: needs 2+ GPUs, found ${NGPU:-0}: not run" | tee -a "$LOGS/stages.log"; RC[nccl]=0
+           else
+             for m in replicated sharded fsdp; do
+               flag=$(case $m in sharded) echo --shard-curvature;; fsdp) echo --fsdp;; esac)
+               run_stage "nccl_$m" "${NCCL_TIMEOUT:-180}" $PY -m torch.distributed.run --nproc-per-node="$NGPU" \
+                 examples/data_parallel.py --epochs 2 --check-parity $flag
+               err=$(sed -n 's/.*max relative parameter difference \([0-9.e+-]*\).*/\1/p' "$LOGS/nccl_$m.log")
+               ok=$($PY -c "print(int('$err' != '' and float('$err') < 1e-4))")
+               echo "nccl_$m: parity with one process: ${err:-missing} ($([ "$ok" = 1 ] && echo pass || echo FAIL))" \
+                 | tee -a "$LOGS/stages.log"
+               [ "$ok" = 1 ] || RC[nccl_$m]=1
+             done
+             losses=$(for m in replicated sharded fsdp; do grep '^epoch 1' "$LOGS/nccl_$m.log" | cut -d'(' -f1; done \
+                      | sort -u | wc -l)
+             echo "nccl: the three modes' final losses $([ "$losses" = 1 ] && echo agree || echo DIFFER)" \
+               | tee -a "$LOGS/stages.log"
+             RC[nccl]=$([ "$losses" = 1 ] && echo 0 || echo 1)
+           fi ;;
   esac
 done
 

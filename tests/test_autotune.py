@@ -84,7 +84,13 @@ def test_block_update_candidates_are_pruned(b, n_blocks):
     assert cands[0] == configs.block_update_heuristic(b)
     assert len(cands) == len(set(cands))
     per_block = 1 if b == 1 else configs._next_pow2(b) ** 2
+    lane = [c for c in cands[1:] if c.variant == "lane"]
+    assert bool(lane) == (2 <= b <= 16)  # the lane variant is a candidate wherever it exists
+    for c in lane:
+        assert c.blocks_per_program == 32 * c.num_warps <= max(32, configs._next_pow2(n_blocks))
     for c in cands[1:]:
+        if c.variant == "lane":
+            continue
         tile = per_block * c.blocks_per_program
         assert tile <= configs.MAX_BLOCK_TILE
         assert configs.MIN_VALUES_PER_THREAD <= tile / (32 * c.num_warps) <= configs.MAX_VALUES_PER_THREAD

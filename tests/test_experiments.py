@@ -67,13 +67,16 @@ def test_mbf_beats_plain_sgd_on_cnn_at_fixed_budget():
 def test_demo_cli_writes_table_csv_and_plot(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "mbf_triton", "demo", "--epochs", "2", "--out", str(out)],
+        [sys.executable, "-m", "mbf_triton", "demo", "--epochs", "2", "--device", "cpu", "--out", str(out)],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "final train loss" in proc.stdout and "mbf" in proc.stdout and "adam" in proc.stdout
+    assert "final loss" in proc.stdout and "mbf-default" in proc.stdout and "adam" in proc.stdout
+    assert "device: CPU" in proc.stdout and "MBF backend: torch" in proc.stdout
+    assert "opt.summary()" in proc.stdout and "bytes of curvature state" in proc.stdout
     rows = list(csv.DictReader(open(out / "demo.csv")))
-    assert [r["optimizer"] for r in rows] == ["mbf", "adam", "sgd"]
+    assert [r["run"] for r in rows] == ["mbf", "mbf-default", "adam", "sgd"]
+    assert {r["backend"] for r in rows} == {"torch"} and all(r["device"].startswith("CPU") for r in rows)
     assert (out / "demo.png").stat().st_size > 1000
 
 

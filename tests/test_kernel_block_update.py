@@ -334,3 +334,72 @@ def test_no_recompilation_when_hyperparameters_change(b):
                                           momentum=momentum, weight_decay=weight_decay)
     torch.cuda.synchronize()
     assert _compiled_variants(kernel) == before
+
+
+# --------------------------------------------------------------------------------------------------------
+# Variants: "lane" (the default for 2 <= b <= 16) and "tile" compute the same function
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("variant", ["tile", "lane"])
+@pytest.mark.parametrize(("b", "dtype"), [(2, torch.float32), (5, torch.float16), (9, torch.bfloat16),
+                                          (16, torch.float32)])
+def test_variants_match_reference_with_tails_and_fallbacks(b, dtype, variant):
+    device = kernel_device()
+    gen = _generator(device, 700 + b)
+    rows, cols = 5, 2 * b - 1  # a short tail chunk on every row
+    f = make_fisher(rows, cols, b, device, gen)
+    f[3] = -10.0 * reference.pack_tril(torch.eye(b, device=device))  # indefinite: counted, diagonal fallback
+    f[6, 1] = float("nan")  # off-diagonal (1, 0)
+    grad, param, mom = make_state(rows, cols, dtype, device, gen)
+    count = run_and_compare(f, grad, param, mom, b=b, variant=variant, steps=2, blocks_per_program=4,
+                            num_warps=1)
+    assert int(count.item()) == 2 * 2
+
+
+@pytest.mark.parametrize("variant", ["tile", "lane"])
+def test_variants_skip_flag_and_grouped_launch(variant):
+    """A set skip flag writes nothing and counts nothing; a clear one equals the reference, in one grouped
+    launch over members of different shapes."""
+    device = kernel_device()
+    gen = _generator(device, 801)
+    b, shapes = 4, [(3, 9), (1, 4), (2, 3)]
+    hp = {"b": b, "damping": 1e-2, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.01}
+    fs = [make_fisher(r, c, b, device, gen) for r, c in shapes]
+    fs[0][1] = -1.0
+    states = [make_state(r, c, torch.float32, device, gen) for r, c in shapes]
+    grads, params, moms = ([s[i] for s in states] for i in range(3))
+    before = [(p.clone(), m.clone()) for p, m in zip(params, moms)]
+    count = torch.zeros(1, dtype=torch.int32, device=device)
+    flag = torch.ones(1, dtype=torch.bool, device=device)
+    block_update.grouped_block_update_(fs, grads, params, moms, count, skip=flag, variant=variant, **hp)
+    assert int(count.item()) == 0
+    for (p0, m0), p, m in zip(before, params, moms):
+        assert torch.equal(p0, p) and torch.equal(m0, m)
+    flag.zero_()
+    expected = 0
+    p64s, m64s = [p.double() for p in params], [m.double() for m in moms]
+    for f, g, p64, m64 in zip(fs, grads, p64s, m64s):
+        expected += oracle_step(f, g, p64, m64, **hp)
+    block_update.grouped_block_update_(fs, grads, params, moms, count, skip=flag, variant=variant,
+                                       blocks_per_program=2, **hp)
+    assert int(count.item()) == expected == 1
+    for p, m, p64, m64 in zip(params, moms, p64s, m64s):
+        torch.testing.assert_close(p.double(), p64, **tol(torch.float32))
+        torch.testing.assert_close(m.double(), m64, **tol(torch.float32))
+
+
+def test_variant_validation_and_defaults():
+    assert block_update.default_variant(1) == "tile"
+    assert block_update.default_variant(9) == "lane"
+    assert block_update.default_variant(block_update.LANE_MAX_B + 1) == "tile"
+    assert block_update.default_launch_config(9, "lane") == (128, 4)
+    f = torch.zeros(2, 17 * 18 // 2)
+    grad = torch.zeros(1, 34)
+    count = torch.zeros(1, dtype=torch.int32)
+    hp = {"damping": 1e-2, "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}
+    with pytest.raises(ValueError, match="variant='lane' supports b <= 16"):
+        block_update.damped_block_update_(f, grad, grad.clone(), grad.clone(), count, b=17, variant="lane", **hp)
+    with pytest.raises(ValueError, match="variant="):
+        block_update.damped_block_update_(f, grad, grad.clone(), grad.clone(), count, b=17, variant="x", **hp)

@@ -25,8 +25,13 @@ LAYERS = {
     "mbf_triton.reference": 2,
     "mbf_triton.backends": 2,
     "mbf_triton.capture": 3,
+    "mbf_triton.hyperparameters": 0,
+    "mbf_triton.statistics": 3,
+    "mbf_triton.skipflag": 3,
     "mbf_triton.optimizer": 3,
     "mbf_triton.stepsize": 3,
+    "mbf_triton.summary": 3,
+    "mbf_triton.distributed": 3,  # the optimizer's data parallelism (imports blocks and reference)
     "mbf_triton.experiments": 4,
     "mbf_triton.cli": 4,
     "mbf_triton.__main__": 5,

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mbf_triton import MBF
+from mbf_triton import statistics as stats
 
 
 def small_cnn(seed: int = 0) -> nn.Module:
@@ -255,7 +256,8 @@ def test_dropped_optimizer_takes_its_hooks_along():
     del opt
     gc.collect()
     model(data()[0])
-    assert not capture.records and not capture._handles
+    assert not capture.records and not capture._hook_keys
+    assert not any(m._forward_hooks for m in model.modules())
 
 
 def test_float64_parameters_keep_their_precision():
@@ -284,11 +286,14 @@ def test_capture_edge_cases_keyword_input_empty_batch_frozen_layer_and_retain_gr
     out = lin(frozen(x))
     out[:, 0].sum().backward(retain_graph=True)
     out[:, 1].sum().backward()  # two backward passes through one graph add up, like p.grad
-    (rec,) = opt._capture.complete_records(lin)
-    assert torch.equal(rec.grad_output, torch.ones(5, 2))
+    assert opt._capture.passes(lin.weight) == 2
+    ((_, gout),) = opt._capture.records_for(lin, lin.weight)
+    assert torch.equal(gout, torch.ones(5, 2))
 
 
-def test_first_gradient_off_schedule_waits_for_captured_statistics():
+def test_first_gradient_off_schedule_gets_captured_statistics_at_once():
+    """A layer's statistics schedule is its own: a layer unfrozen off the global schedule was captured (it
+    had no statistics yet), so its first step has per-sample statistics; then every stat_every of its steps."""
     torch.manual_seed(0)
     a, b = nn.Linear(4, 4), nn.Linear(4, 2)
     model = nn.Sequential(a, nn.Tanh(), b)
@@ -302,14 +307,20 @@ def test_first_gradient_off_schedule_waits_for_captured_statistics():
         opt.step()
 
     one_step()
-    b.requires_grad_(True)  # unfrozen at step 2, off the statistics schedule
-    one_step()
-    assert opt.state[b.weight]["stat_steps"] == 0 and torch.equal(opt.state[b.weight]["F"],
-                                                                   torch.zeros_like(opt.state[b.weight]["F"]))
-    assert opt._capture.capturing
-    one_step()  # now from captured per-sample gradients
+    assert opt._capture.wanted == {id(b)}  # a's next statistics are 5 of its steps away; b has none yet
+    b.requires_grad_(True)  # unfrozen at step 2, off a's schedule
+    one_step()  # b had no gradient yet and was captured: statistics from per-sample gradients at once
     assert opt.state[b.weight]["stat_steps"] == 1 and opt.state[b.weight]["F"].abs().sum() > 0
-    assert not opt._capture.capturing  # back on schedule (step 4 is not a statistics step)
+    assert opt.state[a.weight]["stat_steps"] == 1
+    for _ in range(3):
+        assert not opt._capture.capturing
+        one_step()
+    assert opt._capture.wanted == {id(a)}  # a's 6th step: its statistics are due; b's come one step later
+    one_step()
+    assert opt.state[a.weight]["stat_steps"] == 2 and opt.state[b.weight]["stat_steps"] == 1
+    assert opt._capture.wanted == {id(b)}
+    one_step()
+    assert opt.state[b.weight]["stat_steps"] == 2
 
 
 def test_weight_norm_style_extra_parameters_are_diagonal():
@@ -453,9 +464,9 @@ def test_cached_step_plan_follows_changes_between_steps(mutate):
 
 
 def test_statistics_of_all_1x1_block_parameters_are_one_batched_update(monkeypatch):
-    """Norm scales without per-sample data (here: 2 BatchNorm layers, 4 parameters) and layer biases (the
-    Linear's, from its per-sample data) take one ``diag_fisher_ema_`` per statistics step, not several
-    launches per parameter."""
+    """Norm scales and shifts (here: 2 BatchNorm layers, 4 parameters) and layer biases (the Linear's), all
+    from per-sample data, take one ``diag_fisher_ema_`` per statistics step, not several launches per
+    parameter."""
     from mbf_triton import reference
 
     calls = []
@@ -472,7 +483,7 @@ def test_statistics_of_all_1x1_block_parameters_are_one_batched_update(monkeypat
     model(torch.randn(2, 1, 8, 8))
     opt = MBF(model, backend="torch", stat_every=2, stat_decay=0.5)
     run_steps(model, opt, 3)
-    assert calls == [(4, 1, 0.0), (4, 1, 0.5)]  # steps 0 and 2
+    assert calls == [(0, 5, 0.0), (0, 5, 0.5)]  # steps 0 and 2
     bn = model[1].weight
     assert opt.state[bn]["stat_steps"] == 2
 
@@ -553,20 +564,20 @@ def test_parameter_memory_freed_in_place_and_reallocated():
     assert (w != 0).all()
 
 
-def test_failed_statistics_step_leaves_first_estimates_pending():
+def test_failed_statistics_step_leaves_first_estimates_pending(monkeypatch):
     """If a later layer's statistics raise (e.g. out of memory, caught by the loop), parameters whose
     batched 1x1 statistics did not run are not counted as having a first estimate."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 3))
     opt = MBF(model, backend="torch", stat_every=1)
-    real = opt._batch_statistics
+    real = stats.batch_statistics
 
     def flaky(backend, p, *args, **kw):
         if p is model[1].weight:
             raise RuntimeError("out of memory (simulated)")
         return real(backend, p, *args, **kw)
 
-    opt._batch_statistics = flaky
+    monkeypatch.setattr(stats, "batch_statistics", flaky)
     model(torch.randn(8, 4)).pow(2).mean().backward()
     with pytest.raises(RuntimeError, match="simulated"):
         opt.step()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ pytest.importorskip("matplotlib")
 def _run(script: str, out: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run([sys.executable, str(PERF / script), "--smoke", "--no-progress", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)  # a safety net only
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -52,6 +53,20 @@ def test_benchmark_smoke(tmp_path: Path, script: str, csv_name: str, png_name: s
     else:
         assert {r["model"] for r in rows} == {"resnet32", "vgg16", "autoencoder"}
         assert any(r["optimizer"].startswith("adam") for r in rows)
+
+
+def test_cpu_step_bench_runs_a_fixed_small_amount_of_work() -> None:
+    """perf/bench_cpu.py prints a row per (task, optimizer) and a verdict per target; one round of one
+    window of each configuration (the verdict itself depends on the machine and is not checked here)."""
+    proc = subprocess.run([sys.executable, str(PERF / "bench_cpu.py"), "--rounds", "1", "--warmup", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [re.match(r"(autoencoder|cnn)\s+(adam|mbf stat|mbf)\s+([\d.]+)\s+([\d.]+)", line)
+            for line in proc.stdout.splitlines() if line.startswith(("autoencoder ", "cnn "))]
+    assert [(m.group(1), m.group(2)) for m in rows] == [
+        (t, o) for t in ("autoencoder", "cnn") for o in ("adam", "mbf", "mbf stat")]
+    assert all(float(m.group(3)) > 0 for m in rows)
+    assert "targets" in proc.stdout and "load average" in proc.stdout
 
 
 def test_help() -> None:

@@ -47,11 +47,13 @@ class BlockUpdateConfig:
     """Launch configuration of :func:`mbf_triton.kernels.block_update.damped_block_update_`.
 
     ``num_stages=None``: Triton's default (the kernel has no pipelined loads, so it rarely matters).
+    ``variant``: ``"tile"`` (register tile per block) or ``"lane"`` (one mini-block per lane, ``b <= 16``).
     """
 
     blocks_per_program: int
     num_warps: int
     num_stages: int | None = None
+    variant: str = "tile"
 
     def __post_init__(self) -> None:
         if not _is_pow2(self.blocks_per_program):
@@ -62,17 +64,20 @@ class BlockUpdateConfig:
             raise ValueError(f"num_warps={self.num_warps!r} must be a power of two <= 32")
         if self.num_stages is not None and (not isinstance(self.num_stages, int) or self.num_stages < 1):
             raise ValueError(f"num_stages={self.num_stages!r} must be None or an int >= 1")
+        if self.variant not in ("tile", "lane"):
+            raise ValueError(f"variant={self.variant!r} must be 'tile' or 'lane'")
 
-    def launch_kwargs(self) -> dict[str, int | None]:
+    def launch_kwargs(self) -> dict[str, int | str | None]:
         return {
             "blocks_per_program": self.blocks_per_program,
             "num_warps": self.num_warps,
             "num_stages": self.num_stages,
+            "variant": self.variant,
         }
 
     def describe(self) -> str:
         stages = "" if self.num_stages is None else f" s={self.num_stages}"
-        return f"blocks={self.blocks_per_program} w={self.num_warps}{stages}"
+        return f"{self.variant} blocks={self.blocks_per_program} w={self.num_warps}{stages}"
 
 
 def describe(config: object) -> str:
@@ -94,13 +99,13 @@ def config_from_dict(kernel: str, data: object) -> object:
         raise ValueError(f"kernel={kernel!r} must be one of {KERNELS}")
     cls = BlockUpdateConfig if kernel == "block_update" else _kernels()[1].FisherStatsConfig
     names = {f.name for f in dataclasses.fields(cls)}
-    optional = {"precision"}  # entries written before the field existed mean the default ("ieee")
+    optional = {"precision", "variant"}  # entries written before the field existed mean the default
     if not isinstance(data, dict) or not names - optional <= set(data) <= names:
         raise ValueError(f"config {data!r} must be a dict with keys {sorted(names)}")
     for k, v in data.items():
-        if k == "precision":
+        if k in ("precision", "variant"):
             if not isinstance(v, str):
-                raise ValueError(f"config field precision={v!r} must be a string")
+                raise ValueError(f"config field {k}={v!r} must be a string")
             continue
         if not (v is None or (isinstance(v, int) and not isinstance(v, bool))):
             raise ValueError(f"config field {k}={v!r} must be an int")
@@ -130,8 +135,12 @@ def _pow2_range(lo: int, hi: int) -> list[int]:
 
 
 def block_update_heuristic(b: int) -> BlockUpdateConfig:
-    blocks, warps = _kernels()[0].default_launch_config(b)
-    return BlockUpdateConfig(blocks, warps)
+    """The config without a GPU timing: the variant ``perf/kernel_model.py`` predicts fastest
+    (:func:`mbf_triton.kernels.block_update.default_variant`) at its default launch."""
+    bu = _kernels()[0]
+    variant = bu.default_variant(b)
+    blocks, warps = bu.default_launch_config(b, variant)
+    return BlockUpdateConfig(blocks, warps, variant=variant)
 
 
 def block_update_candidates(
@@ -160,6 +169,11 @@ def block_update_candidates(
                 cfg = BlockUpdateConfig(blocks, w, s)
                 if cfg not in out:
                     out.append(cfg)
+    if 2 <= b <= _kernels()[0].LANE_MAX_B:  # one mini-block per lane: blocks = 32 * warps
+        for w in warps:
+            cfg = BlockUpdateConfig(32 * w, w, None, "lane")
+            if 32 * w <= max(32, most) and cfg not in out:
+                out.append(cfg)
     return out
 
 

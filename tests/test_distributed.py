@@ -1,0 +1,389 @@
+"""Data-parallel MBF (mbf_triton.distributed): 2 processes on gloo (CPU) against one process training on
+the concatenated batch.
+
+Each test spawns two ranks on 127.0.0.1 (a free port), trains a small model with Conv2d, LayerNorm,
+Linear layers, biases, a raw parameter and a layer that gets no gradient on odd steps, and writes its
+parameters and counters to a file; the test process runs the single-process reference and compares.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from mbf_triton import MBF, Layout
+
+WORLD = 2
+LOCAL_BATCH = 4
+RTOL = 1e-5
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+HAS_FSDP2 = dist.is_available() and hasattr(importlib.import_module("torch.distributed.fsdp"), "fully_shard")
+
+
+class Net(nn.Module):
+    """Conv2d (5 output channels: FSDP2 shards of 3 and 2), LayerNorm, Linear(., 7) (shards of 4 and 3), a
+    raw scale of one row (shards of 1 and 0), and ``extra``, used only on even steps (no gradient on the
+    others)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 5, 3, padding=1)
+        self.norm = nn.LayerNorm([5, 4, 4])
+        self.fc1 = nn.Linear(80, 7)
+        self.fc2 = nn.Linear(7, 3)
+        self.extra = nn.Linear(7, 3, bias=False)
+        self.scale = nn.Parameter(torch.ones(1, 3))  # one row: FSDP2 leaves rank 1 an empty shard
+
+    def forward(self, x: torch.Tensor, use_extra: bool) -> torch.Tensor:
+        h = torch.tanh(self.fc1(torch.relu(self.norm(self.conv(x))).flatten(1)))
+        out = self.fc2(h)
+        if use_extra:
+            out = out + self.extra(h)
+        return out * self.scale
+
+
+def make_model() -> Net:
+    torch.manual_seed(0)
+    return Net()
+
+
+def batch(step: int, nan: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of ``step`` (WORLD * LOCAL_BATCH samples); ``nan``: one NaN in the last rank's part."""
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(WORLD * LOCAL_BATCH, 2, 4, 4, generator=g)
+    y = torch.randint(0, 3, (WORLD * LOCAL_BATCH,), generator=g)
+    if nan:
+        x[-1, 0, 0, 0] = float("nan")
+    return x, y
+
+
+def train(model: nn.Module, opt: MBF, steps: range, rank: int | None, nan_step: int = -1,
+          poison_step: int = -1) -> None:
+    """``rank``: train on that rank's part of each global batch; None: on the whole batch. ``poison_step``:
+    rank 1 sets its local gradient of ``fc1.weight`` to NaN after backward (under FSDP2: its shard only)."""
+    for i in steps:
+        x, y = batch(i, nan=i == nan_step)
+        if rank is not None:
+            x, y = x[rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH], y[rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x, use_extra=i % 2 == 0), y).backward()
+        if i == poison_step and rank == 1:
+            grad = _inner(model).fc1.weight.grad
+            (grad.to_local() if hasattr(grad, "to_local") else grad).fill_(float("nan"))
+        opt.step()
+
+
+def hyper(cfg: dict) -> dict:
+    return dict(lr=0.02, damping=0.1, weight_decay=1e-3, stat_every=cfg.get("stat_every", 1),
+                backend=cfg.get("backend", "torch"))
+
+
+def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in model.state_dict().items():
+        out[name] = (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+    return out
+
+
+# ------------------------------------------------------------------ the ranks
+# Every scenario of one mode runs in one spawn (starting two processes costs more than the training).
+def scenarios(mode: str) -> dict[str, dict]:
+    if mode == "triton":  # DDP, replicated, on the Triton path (interpreted: slow, so a spawn of its own)
+        return {"triton": dict(steps=1, stat_every=1, backend="triton")}
+    out = {
+        "every_step": dict(steps=4, stat_every=1),
+        "default_schedule": dict(steps=12, stat_every=10),  # statistics on steps 0 and 10
+        # a NaN in rank 1's batch on step 1, rank 0's checkpoint after step 2 loaded by every rank
+        "nan_and_checkpoint": dict(steps=4, stat_every=1, nan_step=1, resume_at=2),
+    }
+    if mode == "fsdp":  # a NaN that reaches one rank's gradient shard only: the flag is agreed on
+        out["nan_shard"] = dict(steps=3, stat_every=1, poison_step=1)
+    if mode == "replicated":
+        out["local_statistics"] = dict(steps=4, stat_every=1, process_group=None)
+        out["inner_module"] = dict(steps=4, stat_every=1, inner=True)  # MBF(ddp.module): the default group
+    return out
+
+
+TRITON_CPU = os.environ.get("TRITON_INTERPRET", "0") == "1" and importlib.util.find_spec("triton") is not None
+
+
+def _worker(rank: int, port: int, mode: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        results = {name: _run(rank, mode, cfg, f"{out_dir}/{name}.ckpt") for name, cfg in scenarios(mode).items()}
+        if mode in ("replicated", "sharded"):
+            results["exchange"] = _exchange_check(rank, mode)
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+EXCHANGE_LAYOUT = Layout("linear", rows=3, cols=4, b=2)  # 6 mini-blocks of 2x2 (3 packed entries)
+
+
+def exchange_inputs(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the old F of all blocks, rank's statistic): block 2 is Inf on rank 1, block 4 NaN on rank 0."""
+    f_old = torch.arange(18, dtype=torch.float32).view(6, 3)
+    fhat = torch.full((6, 3), float(rank + 1))
+    if rank == 1:
+        fhat[2, 1] = float("inf")
+    if rank == 0:
+        fhat[4, 0] = float("nan")
+    return f_old, fhat
+
+
+def _exchange_check(rank: int, mode: str) -> dict:
+    """The Exchange by itself: each rank's F rows after one fold with decay 0.5, and after a skipped one."""
+    from mbf_triton.distributed import DataParallel
+
+    dp = DataParallel(dist.group.WORLD, mode)
+    p = torch.zeros(3, 4)
+    dp.assign([(p, EXCHANGE_LAYOUT)])
+    lo, hi = dp.rows(p, EXCHANGE_LAYOUT)
+    out = {"rows": (lo, hi)}
+    for skip in (False, True):
+        f_old, fhat = exchange_inputs(rank)
+        f = f_old.view(3, 6)[lo:hi].reshape(-1, 3).clone()
+        exchange = dp.exchange([(p, EXCHANGE_LAYOUT, f, 0.5)])
+        exchange.slot(p).copy_(fhat)
+        exchange.start()
+        exchange.finish({torch.device("cpu"): torch.tensor([skip])})
+        out[skip] = f
+    return out
+
+
+def _wrap(mode: str, cfg: dict, state: dict | None = None) -> tuple[nn.Module, MBF]:
+    model = make_model()
+    if state is not None:
+        model.load_state_dict(state)
+    if mode == "fsdp":  # (mode "triton" is DDP, replicated)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+        return model, MBF(model, **hyper(cfg))
+    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    kw = {"process_group": None} if "process_group" in cfg else {"shard_curvature": mode == "sharded"}
+    return ddp, MBF(ddp.module if cfg.get("inner") else ddp, **hyper(cfg), **kw)
+
+
+def _dcp():
+    import torch.distributed.checkpoint as dcp
+    import torch.distributed.checkpoint.state_dict as helpers
+
+    return dcp, helpers
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _run(rank: int, mode: str, cfg: dict, ckpt: str) -> dict:
+    model, opt = _wrap(mode, cfg)
+    steps, nan_step = cfg["steps"], cfg.get("nan_step", -1)
+    result: dict = {}
+    if "resume_at" in cfg:  # a checkpoint mid-run: rank 0's state loads on every rank
+        k = cfg["resume_at"]
+        train(model, opt, range(k), rank, nan_step)
+        # every rank calls both (collectives in the sharded modes)
+        sd, model_sd = opt.state_dict(), full_state(_inner(model))
+        if rank == 0:
+            torch.save({"model": model_sd, "opt": sd}, ckpt)
+        if mode == "fsdp":  # also through torch.distributed.checkpoint's state-dict helpers
+            dcp, helpers = _dcp()
+            saved = {"model": helpers.get_model_state_dict(model),
+                     "optim": helpers.get_optimizer_state_dict(model, opt)}
+            dcp.save(saved, checkpoint_id=ckpt + ".dcp")
+            model3, opt3 = _wrap(mode, cfg)
+            sd3 = {"model": helpers.get_model_state_dict(model3),
+                   "optim": helpers.get_optimizer_state_dict(model3, opt3)}
+            dcp.load(sd3, checkpoint_id=ckpt + ".dcp")
+            helpers.set_model_state_dict(model3, sd3["model"])
+            helpers.set_optimizer_state_dict(model3, opt3, sd3["optim"])
+            train(model3, opt3, range(k, steps), rank, nan_step)
+            result["resumed_dcp"] = full_state(model3)
+            result["resumed_dcp_counters"] = (opt3.steps, opt3.skipped_steps)
+        dist.barrier()
+        saved = torch.load(ckpt)
+        model2, opt2 = _wrap(mode, cfg, saved["model"])
+        opt2.load_state_dict(saved["opt"])
+        train(model, opt, range(k, steps), rank, nan_step)
+        train(model2, opt2, range(k, steps), rank, nan_step)
+        result["resumed"] = full_state(_inner(model2))
+        result["resumed_counters"] = (opt2.steps, opt2.skipped_steps)
+    else:
+        train(model, opt, range(steps), rank, nan_step, cfg.get("poison_step", -1))
+    result["params"] = full_state(_inner(model))
+    result["counters"] = (opt.steps, opt.skipped_steps)
+    result["f_numel"] = sum(s["F"].numel() for s in opt.state.values())
+    return result
+
+
+def reference(cfg: dict) -> tuple[dict, MBF]:
+    model = make_model()
+    opt = MBF(model, **hyper(cfg), process_group=None)
+    # a step with a NaN anywhere is skipped whole: the reference has it in its batch
+    train(model, opt, range(cfg["steps"]), None, cfg.get("nan_step", cfg.get("poison_step", -1)))
+    return full_state(model), opt
+
+
+def assert_close(got: dict, want: dict, rtol: float = RTOL) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        err = (got[name] - want[name]).norm() / want[name].norm()
+        assert err <= rtol, f"{name}: relative error {err:.2e}"
+
+
+@pytest.fixture(scope="module", params=["replicated", "sharded", "fsdp"])
+def ranks(request, tmp_path_factory):
+    """(mode, per-scenario results of each rank, the scenarios' folder)."""
+    if request.param == "fsdp" and not HAS_FSDP2:
+        pytest.skip("needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6)")
+    return _spawn(request.param, tmp_path_factory)
+
+
+def _spawn(mode: str, tmp_path_factory):
+    out = tmp_path_factory.mktemp(mode)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(port, mode, str(out)), nprocs=WORLD, join=True)
+    return mode, [torch.load(out / f"rank{r}.pt") for r in range(WORLD)], out
+
+
+# ------------------------------------------------------------------ the tests
+@pytest.mark.parametrize("scenario", ["every_step", "default_schedule"])
+def test_parity_with_one_process(ranks, scenario):
+    mode, results, _ = ranks
+    cfg = scenarios(mode)[scenario]
+    want, opt = reference(cfg)
+    moved = sum((want[n] - p).norm() for n, p in make_model().state_dict().items())
+    assert moved > 0.1  # the comparison is not between two untrained models
+    for r in results:
+        assert_close(r[scenario]["params"], want)
+        assert r[scenario]["counters"] == (cfg["steps"], 0)
+    f_single = sum(s["F"].numel() for s in opt.state.values())
+    if mode == "replicated":
+        assert results[0][scenario]["f_numel"] == f_single
+    else:  # every rank keeps about 1/world of the curvature
+        assert all(r[scenario]["f_numel"] < 0.75 * f_single for r in results)
+        assert sum(r[scenario]["f_numel"] for r in results) == f_single
+
+
+def test_nan_on_one_rank_and_checkpoint(ranks):
+    """A NaN in one rank's batch skips the step on every rank (as in one process on the pooled batch); rank
+    0's checkpoint, loaded on every rank, resumes bit-exactly, and loads into one process too."""
+    mode, results, out = ranks
+    cfg = scenarios(mode)["nan_and_checkpoint"]
+    want, _ = reference(cfg)
+    for r in results:
+        res = r["nan_and_checkpoint"]
+        assert res["counters"] == (cfg["steps"] - 1, 1)
+        assert res["resumed_counters"] == (cfg["steps"] - 1, 1)
+        assert_close(res["params"], want)
+        for name, t in res["params"].items():  # resumed == uninterrupted, bit for bit
+            assert torch.equal(res["resumed"][name], t), name
+        if mode == "fsdp":  # through torch.distributed.checkpoint too
+            assert res["resumed_dcp_counters"] == (cfg["steps"] - 1, 1)
+            for name, t in res["params"].items():
+                assert torch.equal(res["resumed_dcp"][name], t), name
+    saved = torch.load(out / "nan_and_checkpoint.ckpt")
+    model = make_model()
+    model.load_state_dict(saved["model"])
+    opt = MBF(model, **hyper(cfg), process_group=None)
+    opt.load_state_dict(saved["opt"])
+    train(model, opt, range(cfg["resume_at"], cfg["steps"]), None, cfg["nan_step"])
+    assert_close(full_state(model), want)
+    assert (opt.steps, opt.skipped_steps) == (cfg["steps"] - 1, 1)
+
+
+def test_nan_in_one_gradient_shard(ranks):
+    """FSDP2: a NaN in rank 1's gradient shard only (rank 0's shard is finite) skips the step on both."""
+    mode, results, _ = ranks
+    if mode != "fsdp":
+        pytest.skip("DDP's all-reduced gradient carries a NaN to every rank (test_nan_on_one_rank_and_checkpoint)")
+    cfg = scenarios(mode)["nan_shard"]
+    want, _ = reference(cfg)
+    for r in results:
+        assert r["nan_shard"]["counters"] == (cfg["steps"] - 1, 1)
+        assert_close(r["nan_shard"]["params"], want)
+
+
+def test_wrapped_module_uses_the_default_group(ranks):
+    """MBF built on the module DDP wraps (not the wrapper) finds the default process group."""
+    mode, results, _ = ranks
+    if mode != "replicated":
+        pytest.skip("one run is enough")
+    want, _ = reference(scenarios(mode)["inner_module"])
+    for r in results:
+        assert_close(r["inner_module"]["params"], want)
+
+
+def test_local_statistics_differ(ranks):
+    """The parity check can fail: under DDP, ranks that keep their local statistics (``process_group=None``,
+    the behaviour before data parallelism) end far from one process."""
+    mode, results, _ = ranks
+    if mode != "replicated":
+        pytest.skip("one run is enough")
+    cfg = scenarios(mode)["local_statistics"]
+    want, _ = reference(cfg)
+    got = results[0]["local_statistics"]["params"]
+    err = max(((got[n] - want[n]).norm() / want[n].norm()).item() for n in want)
+    assert err > 1e-3
+
+
+@pytest.mark.skipif(not TRITON_CPU, reason="needs triton under TRITON_INTERPRET=1")
+def test_triton_backend_parity(tmp_path_factory):
+    """The Triton path shares the communication code: its statistics kernels write the bucket."""
+    _, results, _ = _spawn("triton", tmp_path_factory)
+    cfg = scenarios("triton")["triton"]
+    want, _ = reference(cfg)
+    for r in results:
+        assert_close(r["triton"]["params"], want)
+
+
+def test_exchange_averages_and_guards_the_mean(ranks):
+    """F <- EMA(F, mean over ranks of Fhat), a block non-finite on any rank keeping its old F on every rank,
+    nothing changed on a skipped step; in the sharded mode each rank gets its rows."""
+    mode, results, _ = ranks
+    if mode == "fsdp":
+        pytest.skip("the fsdp rows come from DTensor shards (covered by the training tests)")
+    f_old, _ = exchange_inputs(0)
+    mean = (exchange_inputs(0)[1] + exchange_inputs(1)[1]) / 2
+    want = torch.where(torch.isfinite(mean).all(dim=1, keepdim=True), torch.lerp(mean, f_old, 0.5), f_old)
+    assert not torch.equal(want, f_old)
+    rows = [r["exchange"]["rows"] for r in results]
+    if mode == "sharded":
+        assert rows[0][0] == 0 and rows[0][1] == rows[1][0] and rows[1][1] == 3 and rows[0][1] not in (0, 3)
+    for r in results:
+        lo, hi = r["exchange"]["rows"]
+        per_row = EXCHANGE_LAYOUT.n_chunks
+        assert torch.equal(r["exchange"][False], want[lo * per_row:hi * per_row])
+        assert torch.equal(r["exchange"][True], f_old[lo * per_row:hi * per_row])
+
+
+def test_communication_report():
+    """perf/distributed_comm.py's arithmetic: sharded and FSDP2 F per rank about 1/world of the replicated
+    one, a statistics step about 5x the gradient all-reduce for 3x3 convolutions."""
+    import importlib.util as iu
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "perf" / "distributed_comm.py"
+    spec = iu.spec_from_file_location("distributed_comm", path)
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    r = mod.report(mod.resnet32(), 2)
+    assert r["f_sharded"] < 0.51 * r["f_replicated"] and r["f_fsdp"] < 0.51 * r["f_replicated"]
+    assert 4.5 < r["replicated_stats"] / r["ddp_allreduce"] < 5.5
+    assert r["replicated_plain"] == 0
