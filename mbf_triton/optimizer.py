@@ -112,7 +112,7 @@ class MBF(Optimizer):
         loss_reduction: str = "mean",
         backend: str = "auto",
         process_group: Any = "auto",
-        shard_curvature: bool = False, graft: str | None = "adam", kl_clip: float | None = None, stat_warmup: int = 0,
+        shard_curvature: bool = False, graft: str | None = None, kl_clip: float | None = None, stat_warmup: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -50,7 +50,7 @@ FP32_STATE = ("graft_sq", "graft_steps")  # state kept in fp32 whatever the para
 class StepSize:
     """The step-size options of one optimizer (validated here, used by :class:`mbf_triton.MBF`)."""
 
-    graft: str | None = "adam"
+    graft: str | None = None
     kl_clip: float | None = None
     stat_warmup: int = 0
 

@@ -19,7 +19,7 @@ from mbf_triton import MBF
 
 MBF_VARIANTS = {
     "mbf": {"graft": None},  # the paper's method (other arguments at the package defaults)
-    "mbf-graft": {"graft": "adam"},  # lr is Adam's
+    "mbf-graft": {"graft": "adam"},  # lr is Adam's (the recommended setting; not the default yet)
     "mbf-graft-kl": {"graft": "adam", "kl_clip": 1e-3},
     "mbf-graft-w": {"graft": "adam", "stat_warmup": 10},
 }

@@ -51,7 +51,7 @@ def test_loss_decreases_on_digits():
     y = torch.tensor(digits.target[:512])
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
-    opt = MBF(model, lr=1e-2, backend="torch")  # the defaults, with an Adam learning rate for this model
+    opt = MBF(model, backend="torch")  # the defaults
     first = None
     for epoch in range(8):
         for i in range(0, 512, 64):
