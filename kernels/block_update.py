@@ -235,7 +235,7 @@ def _lane_solve_and_update(
     r = blk // n_chunks
     first = (blk - r * n_chunks) * B
     voff = r * cols + first
-    vlim = cols - first  # entries of the block inside the row: B, or fewer in the short tail chunk
+    vlim = tl.minimum(cols - first, B).to(tl.int32)  # entries in the row: B, or fewer in the tail chunk
     g = _load_row(g_ptr, voff, B, vlim, valid, BLOCKS, LOG_CHUNK)
 
     # Cholesky by rows (packed order), forward substitution of row i right after it: fac holds L in packed
