@@ -390,7 +390,7 @@ def _lines_per_request(addrs: list[int], line: int = 128) -> tuple[int, int]:
 
 
 def chunk_widths(n: int, log_chunk: int) -> list[int]:
-    """The power-of-two column chunks :func:`kernels.block_update._load_row` loads ``n`` entries in."""
+    """The power-of-two column chunks :func:`kernels.lane_solve._load_row` loads ``n`` entries in."""
     w = 1 << log_chunk
     return [w] * (n // w) + [1 << bit for bit in range(log_chunk - 1, -1, -1) if (n >> bit) & 1]
 
@@ -400,7 +400,7 @@ def l1_cost_per_block(pattern: str, n: int, stride: int, blocks: int = 4096, log
     entries apart, by 32-lane warp requests, simulated over ``blocks`` consecutive blocks:
 
     * ``"rows"``: one mini-block per lane, one load per entry (lane l reads block l's entry k);
-    * ``"chunks"``: :func:`kernels.block_update._load_row`: a ``[BLOCKS, W]`` tile per power-of-two chunk,
+    * ``"chunks"``: :func:`kernels.lane_solve._load_row`: a ``[BLOCKS, W]`` tile per power-of-two chunk,
       lanes along the W columns first (``min(W, 32)`` lanes per row), one fp32 each;
     * ``"interleaved"``: the tri-major layout ``(n, n_blocks)``: lane l reads entry k of block l, which sits
       next to block l+1's entry k."""
