@@ -252,7 +252,8 @@ class Capture:
     def _alive(record: Record, tracks: list[_Track]) -> bool:
         """Whether ``record`` can still matter: its graph can still run backward, or it holds a pass that a
         gradient still holds (drops the passes that none holds)."""
-        record.parts = [pt for pt in record.parts if any(pt[0] in t.tasks for t in tracks)]
+        if not any(t.sharded for t in tracks):  # FSDP2: passes are not followed, every one since the step counts
+            record.parts = [pt for pt in record.parts if any(pt[0] in t.tasks for t in tracks)]
         return bool(record.parts) or record.graph() is not None
 
     def _before_accumulate(self, t: _Track) -> None:
@@ -309,12 +310,17 @@ class Capture:
 
     def discard(self, params) -> None:
         """The gradients of ``params`` were discarded (``zero_grad``): forget the passes they held."""
+        discarded = set()
         for p in params:
             t = self._tracks.get(id(p))
             if t is not None and t.param is p:
                 t.tasks.clear()
+                discarded.add(id(t))
         for module, records in list(self.records.items()):
             tracks = [t for p in self._layers[id(module)][1] if (t := self._tracks.get(id(p))) is not None]
+            if any(t.sharded and id(t) in discarded for t in tracks):  # FSDP2: the gradient held every pass
+                for r in records:
+                    r.parts = []
             records[:] = [r for r in records if self._alive(r, tracks)]
             if not records:
                 del self.records[module]

@@ -387,3 +387,47 @@ def test_communication_report():
     assert r["f_sharded"] < 0.51 * r["f_replicated"] and r["f_fsdp"] < 0.51 * r["f_replicated"]
     assert 4.5 < r["replicated_stats"] / r["ddp_allreduce"] < 5.5
     assert r["replicated_plain"] == 0
+
+
+# ------------------------------------------------------------------ FSDP2: accumulation and discarded passes
+def _fsdp_accumulation_worker(rank: int, port: int, out_dir: str) -> None:
+    """Under FSDP2 the sharded parameters' AccumulateGrad never runs, so capture cannot follow passes: every
+    pass since the last step or ``opt.zero_grad()`` counts. Here a junk pass is discarded by
+    ``opt.zero_grad()`` and the batch is fed as 1 or 4 micro-batches (mean loss each): F must agree."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        out = {}
+        for k in (1, 4):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+            fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+            opt = MBF(model, stat_every=1, backend="torch")
+            gen = torch.Generator().manual_seed(1 + rank)
+            x, junk = torch.randn(8, 4, generator=gen), torch.randn(8, 4, generator=gen)
+            model(junk).pow(2).mean().backward()
+            opt.zero_grad()
+            for xs in x.chunk(k):
+                model(xs).pow(2).mean().backward()
+            opt.step()
+            out[k] = [s["F"].clone() for s in opt.state.values()]
+        torch.save(out, f"{out_dir}/acc{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not HAS_FSDP2, reason="needs FSDP2 (torch.distributed.fsdp.fully_shard)")
+def test_fsdp2_accumulation_and_discarded_passes(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fsdp_accumulation_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
+    for r in range(WORLD):
+        out = torch.load(tmp_path / f"acc{r}.pt")
+        assert len(out[1]) == len(out[4]) == 4
+        for one, four in zip(out[1], out[4]):
+            assert one.abs().sum() > 0 or one.numel() == 0
+            torch.testing.assert_close(four, one, rtol=1e-5, atol=1e-9)
