@@ -153,7 +153,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _describe(lr: float, hp: dict) -> str:
     short = {"damping": "damp", "block_size": "b", "stat_decay": "decay", "stat_every": "every"}
-    return " ".join([f"lr={lr:g}", *(f"{short.get(k, k)}={v:g}" for k, v in hp.items())])
+    def value(v) -> str:
+        return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+    # settings that are off (e.g. graft=None: the paper's plain step) are left out of the label
+    return " ".join([f"lr={lr:g}", *(f"{short.get(k, k)}={value(v)}" for k, v in hp.items() if v is not None)])
 
 
 def _plot(results, task: str, where: str, backend: str, path: str) -> str | None:
