@@ -32,6 +32,8 @@ import torch
 from mbf_triton import MBF
 from mbf_triton.experiments import TASK_SPECS, load_digits
 
+DIGITS_TASKS = ("autoencoder", "cnn")  # the tasks this benchmark feeds with load_digits()
+
 TARGETS = {"mbf": 3.0, "mbf stat": 10.0}  # max ms per iteration relative to Adam's
 
 
@@ -85,7 +87,8 @@ def measure(task: str, rounds: int, window: int, warmup: int) -> dict[str, float
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", nargs="+", default=list(TASK_SPECS), choices=list(TASK_SPECS))
+    # the targets are on the demo's digits tasks (the other tasks take other data: see train_quality.py)
+    p.add_argument("--tasks", nargs="+", default=list(DIGITS_TASKS), choices=list(DIGITS_TASKS))
     p.add_argument("--rounds", type=int, default=9, help="interleaved rounds (the median is taken over them)")
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations per configuration (default W)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the targets are for 1)")
