@@ -62,15 +62,20 @@ class _OutputHook:
     """Receives a layer output's gradient; keeps it only for passes that accumulate into the layer's
     parameters (not ``torch.autograd.grad`` towards inputs, e.g. a gradient penalty or an attack)."""
 
-    __slots__ = ("record", "nodes", "__weakref__")
+    __slots__ = ("record", "tracks", "holding", "__weakref__")
 
-    def __init__(self, record: Record, nodes: list) -> None:
-        self.record, self.nodes = record, nodes
+    def __init__(self, record: Record, tracks: list[_Track], holding: list[_Track]) -> None:
+        self.record, self.tracks, self.holding = record, tracks, holding
 
     def __call__(self, grad: torch.Tensor) -> None:
-        if self.nodes is not None and not any(_will_run(n) for n in self.nodes):
+        if not any(t.sharded or _will_run(t.node) for t in self.tracks):
             return
         task, parts = _task(), self.record.parts
+        for t in self.tracks:
+            if t.sharded:  # its AccumulateGrad never runs (FSDP2): the pass is noted here instead
+                if not t.tasks:
+                    self.holding.append(t)  # cleared after the step
+                t.tasks.add(task)
         g = grad.detach()
         if parts and parts[-1][0] == task:
             parts[-1][1] = parts[-1][1] + g
@@ -96,8 +101,8 @@ class _Track:
     def __init__(self, param: torch.Tensor, node) -> None:
         self.param, self.node, self.handle = param, node, None
         # an FSDP2 parameter (DTensor): its AccumulateGrad node never runs (FSDP2 accumulates into an unsharded
-        # copy and sets the sharded .grad itself), so its passes cannot be followed: every pass since the last
-        # step or zero_grad() counts
+        # copy and sets the sharded .grad itself), so the layer's output-gradient hook notes its passes: every
+        # pass through the layer since the last step or opt.zero_grad() counts
         self.sharded = is_dtensor(param)
         self.tasks: set[int] = set()
         # (.grad's TensorImpl address, its _version, whether it is a view) at the end of the last pass
@@ -242,8 +247,7 @@ class Capture:
         if records and _task() == -1:  # not during a backward (checkpointing's recomputation)
             records[:] = [r for r in records if self._alive(r, tracks)]
         record = Record(inputs[0].detach())
-        # FSDP2 accumulates into its unsharded copies, not the sharded parameters we track: every pass counts
-        hook = _OutputHook(record, None if any(t.sharded for t in tracks) else [t.node for t in tracks])
+        hook = _OutputHook(record, tracks, self._holding)
         record.graph = weakref.ref(hook)
         output.register_hook(hook)
         records.append(record)
@@ -252,8 +256,7 @@ class Capture:
     def _alive(record: Record, tracks: list[_Track]) -> bool:
         """Whether ``record`` can still matter: its graph can still run backward, or it holds a pass that a
         gradient still holds (drops the passes that none holds)."""
-        if not any(t.sharded for t in tracks):  # FSDP2: passes are not followed, every one since the step counts
-            record.parts = [pt for pt in record.parts if any(pt[0] in t.tasks for t in tracks)]
+        record.parts = [pt for pt in record.parts if any(pt[0] in t.tasks for t in tracks)]
         return bool(record.parts) or record.graph() is not None
 
     def _before_accumulate(self, t: _Track) -> None:
@@ -286,9 +289,7 @@ class Capture:
         t = self._tracks.get(id(param))
         if t is None or t.param is not param:
             return 0
-        if t.sharded:
-            return 1
-        if not t.intact(check_version=False):
+        if not t.sharded and not t.intact(check_version=False):  # (a sharded .grad is set by FSDP2 itself)
             t.tasks.clear()
         return len(t.tasks)
 
@@ -296,13 +297,13 @@ class Capture:
         """``(input, output gradient)`` of ``module``'s records, summed over the passes that ``param.grad``
         holds (call :meth:`passes` first); records without such a pass are left out."""
         t = self._tracks.get(id(param))
-        if t is None or t.param is not param or not (t.tasks or t.sharded):
+        if t is None or t.param is not param or not t.tasks:
             return []
         out = []
         for r in self.records.get(module, ()):
             g = None
             for task, part in r.parts:
-                if t.sharded or task in t.tasks:
+                if task in t.tasks:
                     g = part if g is None else g + part
             if g is not None:
                 out.append((r.input, g))
@@ -310,17 +311,12 @@ class Capture:
 
     def discard(self, params) -> None:
         """The gradients of ``params`` were discarded (``zero_grad``): forget the passes they held."""
-        discarded = set()
         for p in params:
             t = self._tracks.get(id(p))
             if t is not None and t.param is p:
                 t.tasks.clear()
-                discarded.add(id(t))
         for module, records in list(self.records.items()):
             tracks = [t for p in self._layers[id(module)][1] if (t := self._tracks.get(id(p))) is not None]
-            if any(t.sharded and id(t) in discarded for t in tracks):  # FSDP2: the gradient held every pass
-                for r in records:
-                    r.parts = []
             records[:] = [r for r in records if self._alive(r, tracks)]
             if not records:
                 del self.records[module]

@@ -528,6 +528,7 @@ class MBF(Optimizer):
             if fhat is not None:
                 slot.copy_(fhat)
             return self._count_statistic(state, counted)
+        grad = None if records else self._owned(entry, stats.mean_gradient(p.grad, passes, self.loss_reduction))
         if layout.kind == "diag":
             # 1x1 blocks whose statistic torch ops form (norm scales, biases, batch gradients): folded together
             # with the others of this device and decay; the caller counts them
@@ -538,10 +539,9 @@ class MBF(Optimizer):
                                                       skip[p.device], self.loss_reduction))
             else:
                 d.grad_fs.append(state["F"])
-                d.grads.append(self._owned(entry, stats.mean_gradient(p.grad, passes, self.loss_reduction)))
+                d.grads.append(grad)
             d.states.append(state)
             return False
-        grad = None if records else self._owned(entry, stats.mean_gradient(p.grad, passes, self.loss_reduction))
         fhat = stats.batch_statistics(entry.backend, p, module, layout, state["F"], decay, records, skip[p.device],
                                       self.loss_reduction, grad=grad)
         if fhat is not None:  # formed by torch ops: no kernel folded it in
