@@ -140,7 +140,7 @@ class MBF(Optimizer):
         if shard_curvature and (self._dp is None or self._dp.mode != "sharded"):
             raise ValueError("shard_curvature=True needs DDP (or an initialised process group of several ranks); "
                              "FSDP2 shards the curvature by itself")
-        self.stepsize = StepSize(graft, kl_clip, stat_warmup).checked(self._dp)
+        self.stepsize = StepSize(graft, kl_clip, stat_warmup)
         self._capture = Capture(model, params=all_params)
         self._capture.attach(self, all_params)
         # the hooks hold the capture, not the optimizer: an optimizer that is dropped takes its hooks along
@@ -346,7 +346,7 @@ class MBF(Optimizer):
                     for state in d.states:
                         first |= self._count_statistic(state, counted)
                 exchange.finish(skip)
-                grads = self.stepsize.scaled_gradients(plan.entries, self.state, lrs, skip)  # {}: the paper's method
+                grads = self.stepsize.scaled_gradients(plan.entries, self.state, lrs, skip, self._owned, self._dp)
                 for batch in plan.batches:
                     self._apply(batch, lrs[id(batch.group)], skip[batch.members[0].param.device], grads)
                 if self._dp is not None:
@@ -584,7 +584,7 @@ class MBF(Optimizer):
             if not data.is_contiguous():  # updated through a contiguous copy, written back below
                 data = data.contiguous()
                 copies.append((p, data))
-            grad = self._owned(entry, grads.get(p, p.grad))  # rescaled where a step-size option is on
+            grad = grads[p] if p in grads else self._owned(entry, p.grad)  # rescaled where a step-size option is on
             items.append((state["F"], grad, self._owned(entry, data), entry.momentum_view[1]))
         if not items:
             return

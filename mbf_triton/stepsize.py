@@ -29,15 +29,26 @@ weight decay and write (one update path, the same math on the torch and Triton b
 ``s_p`` needs ``||d_p||`` first: one extra batched solve per parameter with torch ops (the price of the
 option; plain MBF pays nothing). Every scale is a device tensor: no host synchronisation, and a step
 skipped on the device (non-finite gradient) leaves the Adam statistics untouched.
+
+Data parallel (:mod:`mbf_triton.distributed`): a rank solves, updates and keeps Adam's second moment for
+the rows (mini-blocks) of each parameter it owns. ``s_p`` and ``nu`` need whole-parameter sums
+(``||Adam step||^2``, ``||g||^2``, ``||d||^2``, ``g . d``), so each rank forms the sums over its rows,
+for all parameters in one ``(n, 3)`` fp32 tensor, and one async ``all_reduce`` adds them up (sharded
+curvature and FSDP2; the momentum's bias correction runs meanwhile). Every rank then computes the same
+scales. Replicated DDP and one process own every row: no collective. The skip flag is the same on every
+rank by then (DDP's averaged gradient, FSDP2's agreed flag), so a skipped step leaves every rank's Adam
+statistics untouched.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from . import distributed
 from . import reference as ref
 
 GRAFTS = (None, "adam", "sgd")
@@ -73,64 +84,80 @@ class StepSize:
         """Steps from a parameter's statistics at its own step ``calls`` (0-based) to its next ones."""
         return 1 if calls + 1 < self.stat_warmup else stat_every
 
-    def checked(self, dp: Any) -> StepSize:
-        """Refuse rescaled steps where a rank holds only part of a parameter's curvature (its norms would
-        be partial); one process and replicated DDP are fine."""
-        if self.scales_steps and dp is not None and dp.mode != "replicated":
-            raise ValueError(f"graft={self.graft!r}, kl_clip={self.kl_clip!r} need one process or replicated DDP "
-                             f"(got {dp.mode!r} curvature); pass graft=None, kl_clip=None")
-        return self
-
     def scaled_gradients(self, entries: list[Any], states: dict[torch.Tensor, dict[str, Any]],
                          lrs: dict[int, float], skip: dict[torch.device, torch.Tensor],
+                         owned: Callable[[Any, torch.Tensor], torch.Tensor], dp: Any = None,
                          ) -> dict[torch.Tensor, torch.Tensor]:
         """``{param: s_p * nu * grad}`` for the optimizer's step ``entries`` (each with ``param``, ``layout``
         and ``group``; ``lrs``: each group's lr by ``id``), their ``F`` in ``states`` already holding this
-        step's statistics. The fused update is then given these in place of the gradients. ``{}`` for
-        the paper's method."""
+        step's statistics; each value is the ``(rows, cols)`` matrix of the rows this rank updates
+        (``owned(entry, tensor)``: all rows in one process). The fused update is then given these in place
+        of the gradients. ``{}`` for the paper's method. Data parallel with rows split across ranks (``dp``),
+        the whole-parameter sums are all-reduced together: one collective (:func:`distributed.sum_async`)."""
         if not self.scales_steps:
             return {}
-        scales, kl_terms = [], []
-        for e in entries:
-            p, layout, group, lr = e.param, e.layout, e.group, lrs[id(e.group)]
-            state = states[p]
-            g = ref.to_blocks(layout.matrix(p.grad.contiguous()).float(), layout.b)
-            d, _ = ref.damped_block_solve(state["F"], g, group["damping"])
-            d_norm = torch.linalg.vector_norm(d).clamp_min(1e-30)
-            s = self._graft_scale(p, state, g, d_norm, group["momentum"], skip[p.device])
-            if self.kl_clip is not None:
-                gd = (g * d).sum() if s is None else (g * d).sum() * s * s
-                kl_terms.append((gd * (lr * lr)).clamp_min(0.0))
-            scales.append(s)
-        if self.kl_clip is not None:
-            device = kl_terms[0].device
-            total = torch.stack([t.to(device) for t in kl_terms]).sum()
-            nu = torch.sqrt(self.kl_clip / total.clamp_min(1e-30)).clamp(max=1.0)
-            scales = [(nu.to(e.param.device) if s is None else s * nu.to(e.param.device))
-                      for s, e in zip(scales, entries)]
-        return {e.param: (e.param.grad.float() * s).to(e.param.grad.dtype) for s, e in zip(scales, entries)}
+        grads = [owned(e, e.param.grad) for e in entries]
+        sums = self._partial_sums(entries, states, grads, skip)
+        pending = distributed.sum_async(dp, sums)  # None in one process and where every rank has every row
+        coefs = [self._momentum_correction(states[e.param], e.group["momentum"], skip[e.param.device])
+                 for e in entries]  # local work while the sums travel
+        if pending is not None:
+            pending.wait()
+        scales = self._scales(sums, coefs, [lrs[id(e.group)] for e in entries])
+        return {e.param: (g.float() * s.to(g.device)).to(g.dtype) for e, g, s in zip(entries, grads, scales)}
 
-    def _graft_scale(self, p: torch.Tensor, state: dict[str, Any], g: torch.Tensor, d_norm: torch.Tensor,
-                     momentum: float, skip: torch.Tensor) -> torch.Tensor | None:
-        """``s_p``: the grafted norm over MBF's (None without grafting)."""
+    def _partial_sums(self, entries: list[Any], states: dict[torch.Tensor, dict[str, Any]],
+                      grads: list[torch.Tensor], skip: dict[torch.device, torch.Tensor]) -> torch.Tensor:
+        """``(n, 3)`` fp32, per entry the sums over this rank's rows of ``||grafted step||^2``, ``||d||^2``
+        and ``g . d`` (the grafted step: Adam's, updating its second moment first, or the gradient)."""
+        rows = []
+        for e, grad in zip(entries, grads):
+            state, layout = states[e.param], e.layout
+            g = ref.to_blocks(grad.float(), layout.b)
+            d = ref.damped_block_solve(state["F"], g, e.group["damping"])[0] if g.shape[0] else g
+            graft = self._adam_step(state, g, skip[g.device]) if self.graft == "adam" else g
+            rows.append(torch.stack([graft.square().sum(), d.square().sum(), (g * d).sum()]))
+        home = rows[0].device
+        return torch.stack([r.to(home) for r in rows])
+
+    def _scales(self, sums: torch.Tensor, coefs: list[torch.Tensor | float], lrs: list[float]) -> torch.Tensor:
+        """``s_p * nu`` of every entry from the whole-parameter sums (``(n, 3)``, see :meth:`_partial_sums`)."""
+        graft_sq, d_sq, gd = sums.unbind(1)
         if self.graft is None:
-            return None
-        if self.graft == "sgd":
-            return torch.linalg.vector_norm(g) / d_norm
-        if "graft_sq" not in state:  # Adam's second moment and its count of (unskipped) steps
+            s = torch.ones_like(d_sq)
+        else:  # (the factors are device tensors or floats: no host-to-device copy, no synchronisation)
+            ratio = graft_sq.sqrt() / d_sq.sqrt().clamp_min(1e-30)
+            s = torch.stack([r * (c.to(r.device) if torch.is_tensor(c) else c) for r, c in zip(ratio, coefs)])
+        if self.kl_clip is not None:
+            total = torch.stack([(q * (lr * lr)).clamp_min(0.0) for q, lr in zip(gd * s * s, lrs)]).sum()
+            s = s * torch.sqrt(self.kl_clip / total.clamp_min(1e-30)).clamp(max=1.0)
+        return s
+
+    def _adam_step(self, state: dict[str, Any], g: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """Adam's step ``g / (sqrt(v_hat) + eps)`` (no first moment) for the blocks ``g`` of this rank's
+        rows, after folding ``g^2`` into the second moment ``v`` and counting the step (not when skipped)."""
+        if "graft_sq" not in state:  # Adam's second moment (this rank's rows) and its count of unskipped steps
             state["graft_sq"] = torch.zeros_like(g)
             state["graft_steps"] = torch.zeros((), dtype=torch.float32, device=g.device)
         v, t = state["graft_sq"], state["graft_steps"]
-        skipped = skip.reshape(()) if skip.dtype == torch.bool else skip.reshape(()) != 0
+        skipped = _as_bool(skip)
         v.copy_(torch.where(skipped, v, torch.lerp(g * g, v, GRAFT_BETA2)))
         t.copy_(torch.where(skipped, t, t + 1))
-        t1 = t.clamp_min(1.0)
-        v_hat = v / (1 - GRAFT_BETA2 ** t1)
-        adam = g / (v_hat.sqrt() + GRAFT_EPS)
-        if momentum == 0.0:
-            return torch.linalg.vector_norm(adam) / d_norm
-        # momentum's bias correction: the buffer becomes m_hat_t = (1 - mu^(t-1)) / (1 - mu^t) m_hat_(t-1)
-        # + (1 - mu) / (1 - mu^t) s d after the fused update's m <- mu m + (...) d
+        v_hat = v / (1 - GRAFT_BETA2 ** t.clamp_min(1.0))
+        return g / (v_hat.sqrt() + GRAFT_EPS)
+
+    def _momentum_correction(self, state: dict[str, Any], momentum: float, skip: torch.Tensor,
+                             ) -> torch.Tensor | float:
+        """Adam grafting with momentum: the buffer becomes ``m_hat_t = (1 - mu^(t-1)) / (1 - mu^t) m_hat_(t-1)
+        + (1 - mu) / (1 - mu^t) s d`` after the fused update's ``m <- mu m + (...) d``: rescales the buffer
+        (not when skipped) and returns the new direction's factor; 1 otherwise."""
+        if self.graft != "adam" or momentum == 0.0:
+            return 1.0
+        t1 = state["graft_steps"].clamp_min(1.0)
         buf = state["momentum_buffer"]
-        buf.mul_(torch.where(skipped, torch.ones_like(t1), (1 - momentum ** (t1 - 1)) / (1 - momentum ** t1)))
-        return (1.0 - momentum) / (1 - momentum ** t1) * torch.linalg.vector_norm(adam) / d_norm
+        buf.mul_(torch.where(_as_bool(skip), torch.ones_like(t1), (1 - momentum ** (t1 - 1)) / (1 - momentum ** t1)))
+        return (1.0 - momentum) / (1 - momentum ** t1)
+
+
+def _as_bool(skip: torch.Tensor) -> torch.Tensor:
+    return skip.reshape(()) if skip.dtype == torch.bool else skip.reshape(()) != 0
