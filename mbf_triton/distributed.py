@@ -237,7 +237,7 @@ def sum_async(dp: DataParallel | None, t: torch.Tensor):
     """Start summing ``t`` (fp32, per-rank partial sums over owned rows) across the ranks in place, and
     return the pending work (``.wait()`` before reading ``t``); None, and nothing sent, in one process or
     where every rank owns every row (``t`` is the whole sum already)."""
-    if dp is None or dp.mode == "replicated":
+    if dp is None or dp.mode == "replicated" or dp.world == 1:
         return None
     return dist.all_reduce(t, group=dp.group, async_op=True)
 
