@@ -310,19 +310,14 @@ class MBF(Optimizer):
             sparse = [tuple(p.shape) for _, p in active if p.grad.is_sparse]
             if sparse:
                 raise ValueError(f"sparse gradients (parameters of shape {sparse}) are not supported by MBF")
-            grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-            if found_inf is not None and grad_scale is None:
-                raise RuntimeError(
-                    "GradScaler.unscale_(opt) was called before scaler.step(opt): MBF's statistics (captured "
-                    "output gradients) still carry the loss scale, which the scaler does not pass then; call "
-                    "scaler.step(opt) without unscale_ (see the README: mixed precision)")
+            grad_scale, unscaled = skipflag.loss_scale(self)  # GradScaler's, if any (unscale_ may have run)
             # Non-finite gradients skip the whole step on the device: every kernel and reference op that
             # writes state reads this flag, so the host does not wait for the check.
             grads = [distributed.local(p.grad) for _, p in active]
-            skip = self._nonfinite_flags(grads, found_inf)
+            skip = self._nonfinite_flags(grads, getattr(self, "found_inf", None))
             if self._dp is not None:  # the same decision on every rank
                 skip = {device: self._dp.agree(flag) for device, flag in skip.items()}
-            inv_scale = self._unscale_(grads, grad_scale)
+            inv_scale = self._unscale_(grads, grad_scale, unscaled)
             # everything that can fail is resolved before the first parameter changes: no partial steps
             plan = self._plan(active)
             lrs = {id(g): float(g["lr"]) for g in self.param_groups}  # one read of a tensor lr per group
