@@ -94,7 +94,7 @@ class MBF(Optimizer):
             mesh's, or the default group of an initialised torch.distributed), or ``None`` (no communication).
         shard_curvature: under DDP, each rank keeps and updates the curvature and momentum of 1/world of
             the mini-blocks, and the parameters are all-gathered (ZeRO-style); FSDP2 always shards them.
-        graft, kl_clip, stat_warmup: step-size options (:mod:`mbf_triton.stepsize`); ``graft=None`` is the paper's.
+        graft, graft_scope, kl_clip, stat_warmup: step-size options (:mod:`mbf_triton.stepsize`); None: the paper's.
     """
 
     def __init__(
@@ -109,10 +109,9 @@ class MBF(Optimizer):
         weight_decay: float = 0.0,
         block_size: int = 16,
         stat_every: int = 10,
-        loss_reduction: str = "mean",
-        backend: str = "auto",
-        process_group: Any = "auto",
+        loss_reduction: str = "mean", backend: str = "auto", process_group: Any = "auto",
         shard_curvature: bool = False, graft: str | None = None, kl_clip: float | None = None, stat_warmup: int = 0,
+        graft_scope: str = "parameter",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -140,7 +139,7 @@ class MBF(Optimizer):
         if shard_curvature and (self._dp is None or self._dp.mode != "sharded"):
             raise ValueError("shard_curvature=True needs DDP (or an initialised process group of several ranks); "
                              "FSDP2 shards the curvature by itself")
-        self.stepsize = StepSize(graft, kl_clip, stat_warmup).checked(self._dp)
+        self.stepsize = StepSize(graft, kl_clip, stat_warmup, graft_scope).checked(self._dp)
         self._capture = Capture(model, params=all_params)
         self._capture.attach(self, all_params)
         # the hooks hold the capture, not the optimizer: an optimizer that is dropped takes its hooks along
