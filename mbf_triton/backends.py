@@ -101,6 +101,16 @@ class TorchBackend:
         ds = [ref.from_blocks(d_i, *param.shape) for param, d_i in zip(params, d.split([x.shape[0] for x in grads]))]
         ref.apply_update_(params, ds, [buf for _, _, _, buf in items], lr, momentum, weight_decay, skip)
 
+    def direction(self, f: torch.Tensor, grad: torch.Tensor, *, b: int, damping: float) -> torch.Tensor:
+        """MBF's direction alone, ``d_i = (F_i + damping I)^{-1} g_i`` for the ``(rows, cols)`` gradient
+        matrix ``grad``, as fp32 blocks ``(n_blocks, b)`` (what the step-size options need the norms of).
+        The same factor the update uses: kept between statistics steps (see below), so on the other steps
+        it costs two triangular substitutions."""
+        g = ref.to_blocks(grad.float(), b)
+        if b == 1 or g.shape[0] == 0:
+            return ref.damped_block_solve(f, g, damping)[0]
+        return ref.block_solve(self._factor([f], b, damping), g)
+
     # Factors of F + damping I are kept between steps: F changes only on statistics steps (every
     # ``stat_every`` steps), so the other steps cost two triangular substitutions. Valid while every F is
     # the same tensor, unmodified since (torch's version counter: every in-place torch op on F bumps it),
@@ -186,6 +196,17 @@ class TritonBackend(TorchBackend):
         self._block_update.damped_block_update_(
             f, grad, param, momentum_buffer, fallback_count, **kw, skip=skip, **config.launch_kwargs()
         )
+
+    def direction(self, f, grad, *, b, damping):  # noqa: D102
+        # The fused solve+update kernel with a zero "parameter", a zero momentum buffer, momentum 0 and
+        # lr = -1 writes p = 0 - (-1) * (0 * 0 + d) = d exactly: the direction from the same launch (and the
+        # same tuned configuration) as the update, with no second implementation of the solve.
+        g = grad.float().contiguous()
+        d, scratch = torch.zeros_like(g), torch.zeros_like(g)
+        uncounted = torch.zeros(1, dtype=torch.int32, device=g.device)  # fallbacks are counted by the update
+        self.block_update_(f, g, d, scratch, uncounted, b=b, damping=damping, lr=-1.0, momentum=0.0,
+                           weight_decay=0.0)
+        return ref.to_blocks(d, b)
 
     def block_update_group_(self, items, fallback_count, *, b, damping, lr, momentum, weight_decay,
                             skip=None):  # noqa: D102
