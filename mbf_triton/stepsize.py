@@ -17,6 +17,12 @@ The options here make ``lr`` mean what it means for a first-order method:
   MBF keeps only the direction. (``t`` is per parameter, on the device: skipped steps do not count, a
   cleared state starts again at 1.)
 - ``graft="sgd"``: ``s_p = ||g|| / ||d||``: ``lr`` is torch SGD-with-momentum's learning rate.
+- ``graft_scope``: over which entries the norms above are taken. ``"parameter"`` (the default): one scale
+  per parameter. ``"block"``: one scale per mini-block, ``s_i = ||a_i|| / ||d_i||`` with ``a_i`` the
+  grafted step (Adam's or SGD's) restricted to block ``i``'s entries, as distributed Shampoo grafts per
+  block of its blocking. On 1x1 (``diag``) blocks that is Adam's (or SGD's) step exactly; inside a larger
+  block the direction is MBF's. A mini-block lies whole on one rank (rows of ``F`` are blocks), so these
+  norms need no communication. The momentum's bias correction is the same (a per-parameter ``t``).
 - ``kl_clip=kappa`` (K-FAC's trust region): with ``Delta_p = lr s_p d_p``, all directions are scaled by
   ``nu = min(1, sqrt(kappa / sum_p lr^2 s_p^2 g_p . d_p))``, so the step's quadratic model
   ``Delta^T (F + damping I) Delta`` (= ``lr^2 s^2 g . d``) stays below ``kappa``.
@@ -33,11 +39,12 @@ skipped on the device (non-finite gradient) leaves the Adam statistics untouched
 Data parallel (:mod:`mbf_triton.distributed`): a rank solves, updates and keeps Adam's second moment for
 the rows (mini-blocks) of each parameter it owns. ``s_p`` and ``nu`` need whole-parameter sums
 (``||Adam step||^2``, ``||g||^2``, ``||d||^2``, ``g . d``), so each rank forms the sums over its rows,
-for all parameters in one ``(n, 3)`` fp32 tensor, and one async ``all_reduce`` adds them up (sharded
-curvature and FSDP2; the momentum's bias correction runs meanwhile). Every rank then computes the same
-scales. Replicated DDP and one process own every row: no collective. The skip flag is the same on every
-rank by then (DDP's averaged gradient, FSDP2's agreed flag), so a skipped step leaves every rank's Adam
-statistics untouched.
+for all parameters in one ``(3, n)`` fp32 tensor, and one async ``all_reduce`` adds up the rows of it that
+the options need (sharded curvature and FSDP2; the momentum's bias correction runs meanwhile). Every rank
+then computes the same scales. Per-block grafting alone needs none (a block is whole on its rank), with
+``kl_clip`` only its quadratic; replicated DDP and one process own every row: no collective. The skip
+flag is the same on every rank by then (DDP's averaged gradient, FSDP2's agreed flag), so a skipped step
+leaves every rank's Adam statistics untouched.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from . import distributed
 from . import reference as ref
 
 GRAFTS = (None, "adam", "sgd")
+GRAFT_SCOPES = ("parameter", "block")
 GRAFT_BETA2 = 0.999
 GRAFT_EPS = 1e-8
 FP32_STATE = ("graft_sq", "graft_steps")  # state kept in fp32 whatever the parameter's dtype (as F and the momentum)
@@ -64,10 +72,13 @@ class StepSize:
     graft: str | None = None
     kl_clip: float | None = None
     stat_warmup: int = 0
+    graft_scope: str = "parameter"
 
     def __post_init__(self) -> None:
         if self.graft not in GRAFTS:
             raise ValueError(f"graft={self.graft!r} must be one of {GRAFTS}")
+        if self.graft_scope not in GRAFT_SCOPES:
+            raise ValueError(f"graft_scope={self.graft_scope!r} must be one of {GRAFT_SCOPES}")
         k = self.kl_clip
         if k is not None and (isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k < float("inf")):
             raise ValueError(f"kl_clip={k!r} must be None or a finite number > 0")
@@ -93,43 +104,67 @@ class StepSize:
         step's statistics; each value is the ``(rows, cols)`` matrix of the rows this rank updates
         (``owned(entry, tensor)``: all rows in one process). The fused update is then given these in place
         of the gradients. ``{}`` for the paper's method. Data parallel with rows split across ranks (``dp``),
-        the whole-parameter sums are all-reduced together: one collective (:func:`distributed.sum_async`)."""
+        the whole-parameter sums that the options need are all-reduced together: at most one collective
+        (:func:`distributed.sum_async`)."""
         if not self.scales_steps:
             return {}
         grads = [owned(e, e.param.grad) for e in entries]
-        sums = self._partial_sums(entries, states, grads, skip)
-        pending = distributed.sum_async(dp, sums)  # None in one process and where every rank has every row
+        sums, block_scales = self._partial_sums(entries, states, grads, skip)
+        summed = self._summed_rows()
+        # None in one process, where every rank has every row, and where no sum needs the other ranks' rows
+        pending = distributed.sum_async(dp, sums[summed]) if summed is not None else None
         coefs = [self._momentum_correction(states[e.param], e.group["momentum"], skip[e.param.device])
                  for e in entries]  # local work while the sums travel
         if pending is not None:
             pending.wait()
         scales = self._scales(sums, coefs, [lrs[id(e.group)] for e in entries])
-        return {e.param: (g.float() * s.to(g.device)).to(g.dtype) for e, g, s in zip(entries, grads, scales)}
+        return {e.param: _scaled(g, e.layout.b, s if r is None else s.to(r.device) * r)
+                for e, g, s, r in zip(entries, grads, scales, block_scales)}
+
+    def _summed_rows(self) -> slice | None:
+        """The rows of :meth:`_partial_sums` that need every rank's rows: the norms of per-parameter grafting
+        (0, 1) and kl_clip's quadratic (2); None if none does (per-block grafting alone)."""
+        lo = 0 if self.graft is not None and self.graft_scope == "parameter" else 2
+        hi = 3 if self.kl_clip is not None else 2
+        return slice(lo, hi) if hi > lo else None
 
     def _partial_sums(self, entries: list[Any], states: dict[torch.Tensor, dict[str, Any]],
-                      grads: list[torch.Tensor], skip: dict[torch.device, torch.Tensor]) -> torch.Tensor:
-        """``(n, 3)`` fp32, per entry the sums over this rank's rows of ``||grafted step||^2``, ``||d||^2``
-        and ``g . d`` (the grafted step: Adam's, updating its second moment first, or the gradient)."""
-        rows = []
+                      grads: list[torch.Tensor], skip: dict[torch.device, torch.Tensor],
+                      ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """``(3, n)`` fp32, per entry the sums over this rank's rows of ``||a||^2`` (``a`` the grafted step:
+        Adam's, after folding ``g^2`` into its second moment, or the gradient), ``||d||^2`` and
+        ``sum_i r_i^2 g_i . d_i``; and per entry the per-block scales ``r_i = ||a_i|| / ||d_i||``
+        (``graft_scope="block"``; else None and ``r_i = 1``)."""
+        cols: list[list[torch.Tensor]] = [[], [], []]
+        block_scales = []
         for e, grad in zip(entries, grads):
             state, layout = states[e.param], e.layout
             g = ref.to_blocks(grad.float(), layout.b)
             d = ref.damped_block_solve(state["F"], g, e.group["damping"])[0] if g.shape[0] else g
-            graft = self._adam_step(state, g, skip[g.device]) if self.graft == "adam" else g
-            rows.append(torch.stack([graft.square().sum(), d.square().sum(), (g * d).sum()]))
-        home = rows[0].device
-        return torch.stack([r.to(home) for r in rows])
+            a = self._adam_step(state, g, skip[g.device]) if self.graft == "adam" else g
+            r = None
+            if self.graft is not None and self.graft_scope == "block":
+                r = torch.linalg.vector_norm(a, dim=-1) / torch.linalg.vector_norm(d, dim=-1).clamp_min(1e-30)
+            gd = (g * d).sum(-1)
+            quad = gd.sum() if r is None else (gd * r * r).sum()
+            for col, x in zip(cols, (a.square().sum(), d.square().sum(), quad)):
+                col.append(x)
+            block_scales.append(r)
+        home = cols[0][0].device
+        return torch.stack([torch.stack([x.to(home) for x in col]) for col in cols]), block_scales
 
     def _scales(self, sums: torch.Tensor, coefs: list[torch.Tensor | float], lrs: list[float]) -> torch.Tensor:
-        """``s_p * nu`` of every entry from the whole-parameter sums (``(n, 3)``, see :meth:`_partial_sums`)."""
-        graft_sq, d_sq, gd = sums.unbind(1)
-        if self.graft is None:
-            s = torch.ones_like(d_sq)
-        else:  # (the factors are device tensors or floats: no host-to-device copy, no synchronisation)
-            ratio = graft_sq.sqrt() / d_sq.sqrt().clamp_min(1e-30)
-            s = torch.stack([r * (c.to(r.device) if torch.is_tensor(c) else c) for r, c in zip(ratio, coefs)])
+        """``s_p * nu`` of every entry from the whole-parameter sums (``(3, n)``, :meth:`_partial_sums`):
+        ``s_p`` is the momentum's factor times ``||a|| / ||d||`` (per-parameter grafting), the factor alone
+        (per-block grafting: the blocks' ratios are applied on top), 1 without grafting."""
+        a_sq, d_sq, quad = sums.unbind(0)
+        ratio = torch.ones_like(d_sq)
+        if self.graft is not None and self.graft_scope == "parameter":
+            ratio = a_sq.sqrt() / d_sq.sqrt().clamp_min(1e-30)
+        # (the factors are device tensors or floats: no host-to-device copy, no synchronisation)
+        s = torch.stack([x * (c.to(x.device) if torch.is_tensor(c) else c) for x, c in zip(ratio, coefs)])
         if self.kl_clip is not None:
-            total = torch.stack([(q * (lr * lr)).clamp_min(0.0) for q, lr in zip(gd * s * s, lrs)]).sum()
+            total = torch.stack([(q * (lr * lr)).clamp_min(0.0) for q, lr in zip(quad * s * s, lrs)]).sum()
             s = s * torch.sqrt(self.kl_clip / total.clamp_min(1e-30)).clamp(max=1.0)
         return s
 
@@ -161,3 +196,12 @@ class StepSize:
 
 def _as_bool(skip: torch.Tensor) -> torch.Tensor:
     return skip.reshape(()) if skip.dtype == torch.bool else skip.reshape(()) != 0
+
+
+def _scaled(grad: torch.Tensor, b: int, s: torch.Tensor) -> torch.Tensor:
+    """``s * grad`` for a ``(rows, cols)`` gradient matrix, in its dtype; a per-block ``s`` (one per
+    mini-block of width ``b``) multiplies each mini-block's entries through the to/from-blocks mapping."""
+    if s.ndim == 0:
+        return (grad.float() * s.to(grad.device)).to(grad.dtype)
+    blocks = ref.to_blocks(grad.float(), b) * s[:, None]
+    return ref.from_blocks(blocks, *grad.shape).to(grad.dtype).contiguous()

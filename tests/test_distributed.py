@@ -85,7 +85,8 @@ def train(model: nn.Module, opt: MBF, steps: range, rank: int | None, nan_step: 
 
 def hyper(cfg: dict) -> dict:
     return dict(lr=0.02, damping=0.1, weight_decay=1e-3, stat_every=cfg.get("stat_every", 1),
-                backend=cfg.get("backend", "torch"), graft=cfg.get("graft"), kl_clip=cfg.get("kl_clip"))
+                backend=cfg.get("backend", "torch"), graft=cfg.get("graft"), kl_clip=cfg.get("kl_clip"),
+                graft_scope=cfg.get("graft_scope", "parameter"))
 
 
 COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter_single", "reduce_scatter", "all_gather",
@@ -155,6 +156,9 @@ STEPSIZE_SCENARIOS = {
     "graft_adam": dict(steps=4, stat_every=1, graft="adam"),
     "graft_sgd_kl": dict(steps=4, stat_every=1, graft="sgd", kl_clip=7e-5),
     "kl_clip": dict(steps=4, stat_every=1, kl_clip=3e-3),
+    # per-block grafting: a block is whole on one rank, so only kl_clip's total is summed across ranks
+    "graft_block": dict(steps=4, stat_every=1, graft="adam", graft_scope="block"),
+    "graft_block_kl": dict(steps=4, stat_every=1, graft="sgd", graft_scope="block", kl_clip=1e-4),
     "graft_nan_and_checkpoint": dict(steps=4, stat_every=1, nan_step=1, resume_at=2, graft="adam", kl_clip=5e-3),
 }
 
@@ -377,7 +381,10 @@ def test_nan_in_one_gradient_shard(ranks, scenario):
         assert_close(r[scenario]["params"], want)
 
 
-@pytest.mark.parametrize("scenario", ["graft_adam", "graft_sgd_kl", "kl_clip"])
+STEPSIZE_RUNS = ["graft_adam", "graft_sgd_kl", "kl_clip", "graft_block", "graft_block_kl"]
+
+
+@pytest.mark.parametrize("scenario", STEPSIZE_RUNS)
 def test_step_size_options_match_one_process(ranks, scenario):
     """graft="adam"/"sgd" and kl_clip need whole-parameter sums while a rank holds some rows of each
     parameter (sharded curvature, FSDP2 with uneven and empty shards): the run equals one process on the
@@ -402,13 +409,16 @@ def test_step_size_options_match_one_process(ranks, scenario):
         assert all(sum(got) < sum(single_rows) for got in rows) and any(0 in got for got in rows)
 
 
-@pytest.mark.parametrize("scenario", ["graft_adam", "graft_sgd_kl", "kl_clip"])
+@pytest.mark.parametrize("scenario", STEPSIZE_RUNS)
 def test_step_size_options_add_at_most_one_all_reduce_per_step(ranks, scenario):
     """Counted in every opt.step(): the step-size options add one all_reduce (all parameters' partial sums
-    together) where rows are split across ranks, none in replicated DDP; the other collectives are the
-    plain run's (same statistics schedule)."""
+    together) where rows are split across ranks and a whole-parameter or global sum is needed; none in
+    replicated DDP or for per-block grafting alone; the other collectives are the plain run's (same
+    statistics schedule)."""
     mode, results, _ = ranks
-    extra = 0 if mode == "replicated" else 1
+    cfg = scenarios(mode)[scenario]
+    needs_sums = cfg.get("kl_clip") is not None or cfg.get("graft_scope", "parameter") == "parameter"
+    extra = 1 if mode != "replicated" and needs_sums else 0
     # all_reduces of the plain run per step (stats every step): replicated the statistics bucket; sharded
     # none (reduce_scatter + all_gather); FSDP2 the skip flag (+ reduce_scatter)
     plain_all_reduce = {"replicated": 1, "sharded": 0, "fsdp": 1}[mode]
