@@ -203,5 +203,7 @@ def _scaled(grad: torch.Tensor, b: int, s: torch.Tensor) -> torch.Tensor:
     mini-block of width ``b``) multiplies each mini-block's entries through the to/from-blocks mapping."""
     if s.ndim == 0:
         return (grad.float() * s.to(grad.device)).to(grad.dtype)
+    if grad.numel() == 0:  # none of the parameter's rows is this rank's
+        return grad
     blocks = ref.to_blocks(grad.float(), b) * s[:, None]
     return ref.from_blocks(blocks, *grad.shape).to(grad.dtype).contiguous()
