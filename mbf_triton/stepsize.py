@@ -32,9 +32,10 @@ The options here make ``lr`` mean what it means for a first-order method:
 How the scale reaches the update: ``d`` is linear in ``g``, so the fused solve-and-update of either
 backend is given ``s_p nu g_p`` in place of ``g_p`` and produces ``s_p nu d_p`` with the same momentum,
 weight decay and write (one update path, the same math on the torch and Triton backends). Computing
-``s_p`` needs ``||d_p||`` first: one extra batched solve per parameter with torch ops (the price of the
-option; plain MBF pays nothing). Every scale is a device tensor: no host synchronisation, and a step
-skipped on the device (non-finite gradient) leaves the Adam statistics untouched.
+``s_p`` needs ``||d_p||`` first: the backend's ``direction`` (torch: through the factor the update then
+reuses; Triton: the fused kernel writing ``d`` alone), the price of the option; plain MBF pays nothing.
+Every scale is a device tensor: no host synchronisation, and a step skipped on the device (non-finite
+gradient) leaves the Adam statistics untouched.
 
 Data parallel (:mod:`mbf_triton.distributed`): a rank solves, updates and keeps Adam's second moment for
 the rows (mini-blocks) of each parameter it owns. ``s_p`` and ``nu`` need whole-parameter sums
@@ -140,7 +141,8 @@ class StepSize:
         for e, grad in zip(entries, grads):
             state, layout = states[e.param], e.layout
             g = ref.to_blocks(grad.float(), layout.b)
-            d = ref.damped_block_solve(state["F"], g, e.group["damping"])[0] if g.shape[0] else g
+            # the backend's direction: the torch backend factors F once and its update reuses the factor
+            d = e.backend.direction(state["F"], grad, b=layout.b, damping=e.group["damping"]) if g.shape[0] else g
             a = self._adam_step(state, g, skip[g.device]) if self.graft == "adam" else g
             r = None
             if self.graft is not None and self.graft_scope == "block":
