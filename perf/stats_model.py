@@ -164,9 +164,10 @@ def weighted_layers(name: str) -> tuple[list[Layer], int]:
     return found, batch
 
 
-def layer_launches(layer: Layer) -> list[Launch]:
+def layer_launches(layer: Layer, precision: str | None = None) -> list[Launch]:
     """The launches of one layer's statistics on a statistics step, with the configuration the tuner picks
-    when it is off (the heuristic) and an H100's batch split."""
+    when it is off (the heuristic) and an H100's batch split; ``precision`` replaces the heuristic's
+    ``tl.dot`` precision (``"tf32x3"``: the tuner's tensor-core candidate)."""
     from mbf_triton.kernels import fisher_stats as fs
 
     from mbf_triton.reference import ConvGeometry
@@ -181,11 +182,13 @@ def layer_launches(layer: Layer) -> list[Launch]:
             b = min(BLOCK_SIZE, mod.in_features)
             f = torch.empty((mod.out_features * -(-mod.in_features // b), b * (b + 1) // 2), **meta)
             cfg = configs.linear_stats_heuristic(mod.out_features, b)
+            cfg = dataclasses.replace(cfg, precision=precision or cfg.precision)
             fs.linear_fisher_ema_(f, x, gout, b=b, scale=1.0, decay=0.95, config=cfg, skip=skip)
         else:
             b = math.prod(mod.kernel_size)
             f = torch.empty((mod.weight.shape[0] * mod.weight.shape[1], b * (b + 1) // 2), **meta)
             cfg = configs.conv_stats_heuristic(mod.out_channels // mod.groups, math.prod(layer.g_shape[2:]), b)
+            cfg = dataclasses.replace(cfg, precision=precision or cfg.precision)
             fs.conv_fisher_ema_(f, x, gout, **ConvGeometry.of(mod).kwargs(), groups=mod.groups, scale=1.0,
                                 decay=0.95, config=cfg, skip=skip)
     return out
@@ -280,12 +283,27 @@ def weighted_ops(instrs: list[km.Instr], trips: tuple[float, ...]) -> tuple[coll
     return ops, async_bytes
 
 
+def sass_trips(instrs: list[km.Instr], source: tuple[float, ...], name: str) -> tuple[float, ...]:
+    """The source loops' trip counts mapped onto the SASS loops. Either one SASS loop per source loop, or a
+    single source loop that the compiler unrolled by ``k`` into a main loop and a remainder loop (triton
+    3.6 does this to the second pass's loop over the partials): ``k`` is the ratio of their global loads,
+    the trips ``(n // k, n % k)``."""
+    found = km.loops(instrs)
+    if len(found) == len(source):
+        return source
+    if len(source) == 1 and len(found) == 2 and found[0][1] < found[1][0]:
+        loads = [sum(1 for i in instrs if lo <= i.addr <= hi and i.op in ("LDG", *_ASYNC_LOADS)) for lo, hi in found]
+        k = loads[0] // max(loads[1], 1)
+        if k >= 2 and loads[0] == k * loads[1] and float(source[0]).is_integer():
+            return (source[0] // k, source[0] % k)
+    raise RuntimeError(f"{name}: the SASS has loops {found}, the source {len(source)}; the trip counts cannot "
+                       "be assigned")
+
+
 def predict_launch(launch: Launch, layer: Layer) -> LaunchPrediction:
     cfg = _config(launch, layer)
     instrs = km.compile_config(cfg)[0]
-    if len(km.loops(instrs)) != len(cfg.trip_counts):
-        raise RuntimeError(f"{cfg.name}: the SASS has {len(km.loops(instrs))} loops, the source "
-                           f"{len(cfg.trip_counts)}; the trip counts cannot be assigned")
+    cfg.trip_counts = sass_trips(instrs, cfg.trip_counts, cfg.name)
     p = km.predict(cfg)  # per program ("block" = program)
     per = dict(p.per_block)
     ops, async_bytes = weighted_ops(instrs, cfg.trip_counts)
@@ -306,7 +324,7 @@ def predict_launch(launch: Launch, layer: Layer) -> LaunchPrediction:
     cycles["issue"] = per["total"] / (km.ISSUE_PER_SM * issue_eff)
     limiter = max(cycles, key=cycles.get)
     compute_ms = on_sm * cycles[limiter] / km.CLOCK_HZ * 1e3
-    iterations = math.prod(cfg.trip_counts) if cfg.trip_counts else 1
+    iterations = math.prod(trip_counts(launch, layer))  # source loop iterations, one after another
     latency_ms = -(-on_sm // resident) * iterations * LOAD_LATENCY_CLOCKS / km.CLOCK_HZ * 1e3
     dram = cfg.dram_bytes_per_block * launch.programs + per.get("spill_bytes", 0.0) * launch.programs
     per_launch = {k: v * launch.programs for k, v in per.items()}
@@ -314,12 +332,12 @@ def predict_launch(launch: Launch, layer: Layer) -> LaunchPrediction:
                             dram / km.COPY_BYTES_PER_S * 1e3, latency_ms, limiter, dram)
 
 
-def predict_model(name: str) -> tuple[list[LaunchPrediction], dict[str, int]]:
+def predict_model(name: str, precision: str | None = None) -> tuple[list[LaunchPrediction], dict[str, int]]:
     layers, _ = weighted_layers(name)
     preds, useful = [], {}
     for layer in layers:
         useful[layer.name] = useful_fma(layer)
-        for launch in layer_launches(layer):
+        for launch in layer_launches(layer, precision):
             print(f"  {name} {layer.name}: {launch.kernel} grid={launch.grid} ...", file=sys.stderr, flush=True)
             preds.append(predict_launch(launch, layer))
     return preds, useful
@@ -400,6 +418,9 @@ def print_totals(totals: dict[str, dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", nargs="+", choices=tuple(BENCHMARKS), default=list(BENCHMARKS))
+    ap.add_argument("--precision", choices=("ieee", "tf32x3"), default=None,
+                    help="replace the heuristic's dot precision (tf32x3: the tuner's tensor-core candidate; the "
+                         "model has no tensor-core rate, so its times are then issue/memory bounds only)")
     args = ap.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     import triton
@@ -409,9 +430,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"SASS from triton {triton.__version__}, sm_90; H100: {km.SMS} SMs, {km.CLOCK_HZ / 1e9:.2f} GHz, copy "
           f"{km.COPY_BYTES_PER_S / 1e12} TB/s, CPI_1 = {km.CPI_1}; assumed load latency {LOAD_LATENCY_CLOCKS} "
           "clocks per loop iteration (not calibrated)")
+    if args.precision == "tf32x3":
+        print("tl.dot precision forced to tf32x3 (not the heuristic's): tensor-core instructions are counted, but the "
+              "model has no tensor-core pipe rate, so the times below count them as issue slots only (lower bounds)")
     totals = {}
     for name in args.model:
-        preds, useful = predict_model(name)
+        preds, useful = predict_model(name, args.precision)
         totals[name] = print_model(name, preds, useful)
     print_totals(totals)
     return 0
