@@ -91,12 +91,21 @@ def _floats(text: str | None) -> list[float]:
     return [float(v) for v in text.split(";")] if text else []
 
 
+def _read(path: str) -> tuple[list[str], list[dict]]:
+    """The CSV's header and rows as dicts of strings. A file begun with an older, shorter header (a prefix of
+    :data:`FIELDS`) holds rows of both lengths: the extra values are the newer fields, in order."""
+    with open(path, newline="") as fh:
+        table = list(csv.reader(fh))
+    header = table[0] if table else []
+    names = header + [f for f in FIELDS if f not in header]
+    return header, [dict(zip(names, values)) for values in table[1:]]
+
+
 def _load(path: str) -> list[dict]:
     """The CSV's runs, one per key: a rerun (appended later) replaces the earlier row of its key."""
     if not os.path.exists(path):
         return []
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = _read(path)[1]
     for r in rows:
         r["lr"], r["seed"], r["epochs"] = float(r["lr"]), int(r["seed"]), int(r["epochs"])
         for k in ("val_loss", "test_metric", "seconds"):
@@ -118,6 +127,13 @@ def _execute(jobs: list[tuple], path: str, n_workers: int) -> None:
     if not jobs:
         return
     new = not os.path.exists(path)
+    if not new and _read(path)[0] != FIELDS:  # an older header: rewrite the file with the current one
+        header, rows = _read(path)
+        with open(path + ".tmp", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=FIELDS, restval="")
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(path + ".tmp", path)
     with open(path, "a", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=FIELDS)
         if new:
