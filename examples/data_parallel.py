@@ -3,6 +3,7 @@
     torchrun --nproc-per-node=2 examples/data_parallel.py                      # DDP, curvature replicated
     torchrun --nproc-per-node=2 examples/data_parallel.py --shard-curvature    # DDP, curvature sharded
     torchrun --nproc-per-node=2 examples/data_parallel.py --fsdp               # FSDP2 (fully_shard)
+    torchrun --nproc-per-node=2 examples/data_parallel.py --fsdp --graft adam  # any mode: Adam-grafted steps
 
 gloo on CPUs, NCCL on GPUs (one GPU per process). Every rank trains on its own part of each global
 batch; MBF averages the curvature statistics across the ranks, so the run is the single-process
@@ -25,6 +26,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP")
     ap.add_argument("--shard-curvature", action="store_true", help="DDP: each rank keeps 1/world of F")
+    ap.add_argument("--graft", choices=("none", "adam", "sgd"), default="none",
+                    help="step-size grafting (mbf_triton.stepsize); 'none' is the paper's step")
+    ap.add_argument("--kl-clip", type=float, default=None, help="trust region on the step (K-FAC's KL clipping)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--global-batch", type=int, default=64)
     ap.add_argument("--check-parity", action="store_true",
@@ -50,20 +54,24 @@ def main() -> None:
             nn.LayerNorm(8 * 8 * 8), nn.Linear(8 * 8 * 8, 10),
         ).to(device)
 
+    hyper = dict(lr=0.01, damping=0.03, stat_every=5, graft=None if args.graft == "none" else args.graft,
+                 kl_clip=args.kl_clip)
+    if hyper["graft"] == "adam":
+        hyper["lr"] = 1e-3  # Adam's learning rate
     model = make_model()
     single = single_opt = None
     if args.check_parity and rank == 0:  # one process on the pooled batch, no communication
         single = make_model()
-        single_opt = MBF(single, lr=0.01, damping=0.03, stat_every=5, process_group=None)
+        single_opt = MBF(single, **hyper, process_group=None)
     if args.fsdp:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         fully_shard(model, mesh=init_device_mesh(device.type, (world,)))
-        opt = MBF(model, lr=0.01, damping=0.03, stat_every=5)
+        opt = MBF(model, **hyper)
     else:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-        opt = MBF(model, lr=0.01, damping=0.03, stat_every=5, shard_curvature=args.shard_curvature)
+        opt = MBF(model, **hyper, shard_curvature=args.shard_curvature)
 
     local = args.global_batch // world
     n = (len(x) // args.global_batch) * args.global_batch
@@ -87,7 +95,8 @@ def main() -> None:
         if rank == 0:
             print(f"epoch {epoch}: mean training loss {total[0].item() / total[1].item():.4f} "
                   f"(world {world}, {'fsdp' if args.fsdp else 'ddp'}"
-                  f"{', sharded curvature' if args.shard_curvature else ''}; steps {opt.steps}, "
+                  f"{', sharded curvature' if args.shard_curvature else ''}"
+                  f"{f', graft={args.graft}' if args.graft != 'none' else ''}; steps {opt.steps}, "
                   f"skipped {opt.skipped_steps})")
     if args.check_parity:
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -233,6 +233,22 @@ def exchange(dp: DataParallel | None, items: list[tuple[torch.Tensor, Layout, to
     return dp.exchange(items) if dp is not None and items else NO_EXCHANGE
 
 
+def sum_async(dp: DataParallel | None, t: torch.Tensor):
+    """Start summing ``t`` (fp32, per-rank partial sums over owned rows) across the ranks in place, and
+    return the pending work (``.wait()`` before reading ``t``); None, and nothing sent, in one process or
+    where every rank owns every row (``t`` is the whole sum already)."""
+    if dp is None or dp.mode == "replicated" or dp.world == 1:
+        return None
+    return dist.all_reduce(t, group=dp.group, async_op=True)
+
+
+def row_width(key: str, layout: Layout) -> int | None:
+    """Entries per row of ``layout``'s matrix in the state ``key`` that a rank keeps for its rows only (the
+    curvature, the momentum, Adam's grafting moment); None for per-parameter state (counters)."""
+    return {"F": layout.n_chunks * layout.tri, "momentum_buffer": layout.cols,
+            "graft_sq": layout.n_chunks * layout.b}.get(key)
+
+
 class DataParallel:
     """The process group, the mode and which rows of each parameter every rank owns.
 
@@ -358,22 +374,20 @@ class DataParallel:
 
     # ------------------------------------------------------------------ checkpoints
     def full_state(self, entries: list[tuple[torch.Tensor, Layout, dict[str, Any]]]) -> list[dict[str, Any]]:
-        """The states of ``entries`` (``(param, layout, state)``) with the whole ``F`` and momentum, as in one
-        process: gathered from their owners (a collective: every rank calls it); the states as they are when
-        every rank owns every row."""
+        """The states of ``entries`` (``(param, layout, state)``) with the whole ``F``, momentum and grafting
+        moment, as in one process: gathered from their owners (a collective: every rank calls it); the
+        states as they are when every rank owns every row."""
         if self.mode == "replicated":
             return [state for _, _, state in entries]
         out, items = [], []
         for p, layout, state in entries:
             full = dict(state)
-            if "F" in state:
-                f = torch.empty(layout.rows, layout.n_chunks * layout.tri, dtype=torch.float32,
-                                device=state["F"].device)
-                m = torch.empty(layout.rows, layout.cols, dtype=torch.float32, device=f.device)
-                rows_all = self.rows_all(p, layout)
-                items += [(f, rows_all, state["F"]), (m, rows_all, state["momentum_buffer"])]
-                full["F"] = f.view(layout.n_blocks, layout.tri)
-                full["momentum_buffer"] = m.view(p.shape)
+            for key in ("F", "momentum_buffer", "graft_sq"):  # in this order on every rank
+                if key in state:
+                    width = row_width(key, layout)
+                    whole = torch.empty(layout.rows, width, dtype=torch.float32, device=state[key].device)
+                    items.append((whole, self.rows_all(p, layout), state[key]))
+                    full[key] = whole.view(p.shape) if key == "momentum_buffer" else whole.view(layout.n_blocks, -1)
             out.append(full)
         self.gather_rows(items)
         return out
@@ -386,16 +400,18 @@ class DataParallel:
         return {**sd, "state": dict(zip(keys, full))}
 
     def local_state(self, p: torch.Tensor, layout: Layout, key: str, value: torch.Tensor) -> torch.Tensor:
-        """A loaded ``F`` or momentum: this rank's rows of a whole one (a checkpoint of any mode or of one
-        process); one already of this rank's size is kept."""
+        """A loaded ``F``, momentum or grafting moment: this rank's rows of a whole one (a checkpoint of any
+        mode or of one process); one already of this rank's size, and per-parameter state, is kept."""
         lo, hi = self.rows(p, layout)
-        if self.mode == "replicated" or (hi - lo) == layout.rows:
+        per_row = row_width(key, layout)
+        if self.mode == "replicated" or (hi - lo) == layout.rows or per_row is None:
             return value
-        per_row = layout.n_chunks * layout.tri if key == "F" else layout.cols
         if value.numel() == (hi - lo) * per_row:
             return value
         if value.numel() != layout.rows * per_row:
             raise ValueError(f"checkpoint {key} of shape {tuple(value.shape)} fits neither the whole parameter "
                              f"{tuple(p.shape)} nor this rank's {hi - lo} rows of it")
         rows = value.reshape(layout.rows, per_row)[lo:hi]
-        return rows.reshape(-1, layout.tri) if key == "F" else rows.reshape(hi - lo, layout.cols)
+        if key == "momentum_buffer":
+            return rows.reshape(hi - lo, layout.cols)
+        return rows.reshape(-1, per_row // layout.n_chunks)

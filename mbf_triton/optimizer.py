@@ -139,7 +139,7 @@ class MBF(Optimizer):
         if shard_curvature and (self._dp is None or self._dp.mode != "sharded"):
             raise ValueError("shard_curvature=True needs DDP (or an initialised process group of several ranks); "
                              "FSDP2 shards the curvature by itself")
-        self.stepsize = StepSize(graft, kl_clip, stat_warmup, graft_scope).checked(self._dp)
+        self.stepsize = StepSize(graft, kl_clip, stat_warmup, graft_scope)
         self._capture = Capture(model, params=all_params)
         self._capture.attach(self, all_params)
         # the hooks hold the capture, not the optimizer: an optimizer that is dropped takes its hooks along
@@ -309,19 +309,14 @@ class MBF(Optimizer):
             sparse = [tuple(p.shape) for _, p in active if p.grad.is_sparse]
             if sparse:
                 raise ValueError(f"sparse gradients (parameters of shape {sparse}) are not supported by MBF")
-            grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-            if found_inf is not None and grad_scale is None:
-                raise RuntimeError(
-                    "GradScaler.unscale_(opt) was called before scaler.step(opt): MBF's statistics (captured "
-                    "output gradients) still carry the loss scale, which the scaler does not pass then; call "
-                    "scaler.step(opt) without unscale_ (see the README: mixed precision)")
+            grad_scale, unscaled = skipflag.loss_scale(self)  # GradScaler's, if any (unscale_ may have run)
             # Non-finite gradients skip the whole step on the device: every kernel and reference op that
             # writes state reads this flag, so the host does not wait for the check.
             grads = [distributed.local(p.grad) for _, p in active]
-            skip = self._nonfinite_flags(grads, found_inf)
+            skip = self._nonfinite_flags(grads, getattr(self, "found_inf", None))
             if self._dp is not None:  # the same decision on every rank
                 skip = {device: self._dp.agree(flag) for device, flag in skip.items()}
-            inv_scale = self._unscale_(grads, grad_scale)
+            inv_scale = self._unscale_(grads, grad_scale, unscaled)
             # everything that can fail is resolved before the first parameter changes: no partial steps
             plan = self._plan(active)
             lrs = {id(g): float(g["lr"]) for g in self.param_groups}  # one read of a tensor lr per group
@@ -345,7 +340,7 @@ class MBF(Optimizer):
                     for state in d.states:
                         first |= self._count_statistic(state, counted)
                 exchange.finish(skip)
-                grads = self.stepsize.scaled_gradients(plan.entries, self.state, lrs, skip)  # {}: the paper's method
+                grads = self.stepsize.scaled_gradients(plan.entries, self.state, lrs, skip, self._owned, self._dp)
                 for batch in plan.batches:
                     self._apply(batch, lrs[id(batch.group)], skip[batch.members[0].param.device], grads)
                 if self._dp is not None:
@@ -583,7 +578,7 @@ class MBF(Optimizer):
             if not data.is_contiguous():  # updated through a contiguous copy, written back below
                 data = data.contiguous()
                 copies.append((p, data))
-            grad = self._owned(entry, grads.get(p, p.grad))  # rescaled where a step-size option is on
+            grad = grads[p] if p in grads else self._owned(entry, p.grad)  # rescaled where a step-size option is on
             items.append((state["F"], grad, self._owned(entry, data), entry.momentum_view[1]))
         if not items:
             return

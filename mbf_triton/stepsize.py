@@ -32,18 +32,31 @@ The options here make ``lr`` mean what it means for a first-order method:
 How the scale reaches the update: ``d`` is linear in ``g``, so the fused solve-and-update of either
 backend is given ``s_p nu g_p`` in place of ``g_p`` and produces ``s_p nu d_p`` with the same momentum,
 weight decay and write (one update path, the same math on the torch and Triton backends). Computing
-``s_p`` needs ``||d_p||`` first: one extra batched solve per parameter with torch ops (the price of the
-option; plain MBF pays nothing). Every scale is a device tensor: no host synchronisation, and a step
-skipped on the device (non-finite gradient) leaves the Adam statistics untouched.
+``s_p`` needs ``||d_p||`` first: the backend's ``direction`` (torch: through the factor the update then
+reuses; Triton: the fused kernel writing ``d`` alone), the price of the option; plain MBF pays nothing.
+Every scale is a device tensor: no host synchronisation, and a step skipped on the device (non-finite
+gradient) leaves the Adam statistics untouched.
+
+Data parallel (:mod:`mbf_triton.distributed`): a rank solves, updates and keeps Adam's second moment for
+the rows (mini-blocks) of each parameter it owns. ``s_p`` and ``nu`` need whole-parameter sums
+(``||Adam step||^2``, ``||g||^2``, ``||d||^2``, ``g . d``), so each rank forms the sums over its rows,
+for all parameters in one ``(3, n)`` fp32 tensor, and one async ``all_reduce`` adds up the rows of it that
+the options need (sharded curvature and FSDP2; the momentum's bias correction runs meanwhile). Every rank
+then computes the same scales. Per-block grafting alone needs none (a block is whole on its rank), with
+``kl_clip`` only its quadratic; replicated DDP and one process own every row: no collective. The skip
+flag is the same on every rank by then (DDP's averaged gradient, FSDP2's agreed flag), so a skipped step
+leaves every rank's Adam statistics untouched.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from . import distributed
 from . import reference as ref
 
 GRAFTS = (None, "adam", "sgd")
@@ -83,84 +96,116 @@ class StepSize:
         """Steps from a parameter's statistics at its own step ``calls`` (0-based) to its next ones."""
         return 1 if calls + 1 < self.stat_warmup else stat_every
 
-    def checked(self, dp: Any) -> StepSize:
-        """Refuse rescaled steps where a rank holds only part of a parameter's curvature (its norms would
-        be partial); one process and replicated DDP are fine."""
-        if self.scales_steps and dp is not None and dp.mode != "replicated":
-            raise ValueError(f"graft={self.graft!r}, kl_clip={self.kl_clip!r} need one process or replicated DDP "
-                             f"(got {dp.mode!r} curvature); pass graft=None, kl_clip=None")
-        return self
-
     def scaled_gradients(self, entries: list[Any], states: dict[torch.Tensor, dict[str, Any]],
                          lrs: dict[int, float], skip: dict[torch.device, torch.Tensor],
+                         owned: Callable[[Any, torch.Tensor], torch.Tensor], dp: Any = None,
                          ) -> dict[torch.Tensor, torch.Tensor]:
         """``{param: s_p * nu * grad}`` for the optimizer's step ``entries`` (each with ``param``, ``layout``
         and ``group``; ``lrs``: each group's lr by ``id``), their ``F`` in ``states`` already holding this
-        step's statistics. The fused update is then given these in place of the gradients. ``{}`` for
-        the paper's method."""
+        step's statistics; each value is the ``(rows, cols)`` matrix of the rows this rank updates
+        (``owned(entry, tensor)``: all rows in one process). The fused update is then given these in place
+        of the gradients. ``{}`` for the paper's method. Data parallel with rows split across ranks (``dp``),
+        the whole-parameter sums that the options need are all-reduced together: at most one collective
+        (:func:`distributed.sum_async`)."""
         if not self.scales_steps:
             return {}
-        scales, kl_terms = [], []
-        for e in entries:
-            p, layout, group, lr = e.param, e.layout, e.group, lrs[id(e.group)]
-            state = states[p]
-            g = ref.to_blocks(layout.matrix(p.grad.contiguous()).float(), layout.b)
-            d, _ = ref.damped_block_solve(state["F"], g, group["damping"])
-            d_norm = self._norm(d).clamp_min(1e-30)
-            s = self._graft_scale(p, state, g, d_norm, group["momentum"], skip[p.device])
-            if self.kl_clip is not None:
-                kl_terms.append((self._quadratic(g, d, s) * (lr * lr)).clamp_min(0.0))
-            scales.append(s)
+        grads = [owned(e, e.param.grad) for e in entries]
+        sums, block_scales = self._partial_sums(entries, states, grads, skip)
+        summed = self._summed_rows()
+        # None in one process, where every rank has every row, and where no sum needs the other ranks' rows
+        pending = distributed.sum_async(dp, sums[summed]) if summed is not None else None
+        coefs = [self._momentum_correction(states[e.param], e.group["momentum"], skip[e.param.device])
+                 for e in entries]  # local work while the sums travel
+        if pending is not None:
+            pending.wait()
+        scales = self._scales(sums, coefs, [lrs[id(e.group)] for e in entries])
+        return {e.param: _scaled(g, e.layout.b, s if r is None else s.to(r.device) * r)
+                for e, g, s, r in zip(entries, grads, scales, block_scales)}
+
+    def _summed_rows(self) -> slice | None:
+        """The rows of :meth:`_partial_sums` that need every rank's rows: the norms of per-parameter grafting
+        (0, 1) and kl_clip's quadratic (2); None if none does (per-block grafting alone)."""
+        lo = 0 if self.graft is not None and self.graft_scope == "parameter" else 2
+        hi = 3 if self.kl_clip is not None else 2
+        return slice(lo, hi) if hi > lo else None
+
+    def _partial_sums(self, entries: list[Any], states: dict[torch.Tensor, dict[str, Any]],
+                      grads: list[torch.Tensor], skip: dict[torch.device, torch.Tensor],
+                      ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """``(3, n)`` fp32, per entry the sums over this rank's rows of ``||a||^2`` (``a`` the grafted step:
+        Adam's, after folding ``g^2`` into its second moment, or the gradient), ``||d||^2`` and
+        ``sum_i r_i^2 g_i . d_i``; and per entry the per-block scales ``r_i = ||a_i|| / ||d_i||``
+        (``graft_scope="block"``; else None and ``r_i = 1``)."""
+        cols: list[list[torch.Tensor]] = [[], [], []]
+        block_scales = []
+        for e, grad in zip(entries, grads):
+            state, layout = states[e.param], e.layout
+            g = ref.to_blocks(grad.float(), layout.b)
+            # the backend's direction: the torch backend factors F once and its update reuses the factor
+            d = e.backend.direction(state["F"], grad, b=layout.b, damping=e.group["damping"]) if g.shape[0] else g
+            a = self._adam_step(state, g, skip[g.device]) if self.graft == "adam" else g
+            r = None
+            if self.graft is not None and self.graft_scope == "block":
+                r = torch.linalg.vector_norm(a, dim=-1) / torch.linalg.vector_norm(d, dim=-1).clamp_min(1e-30)
+            gd = (g * d).sum(-1)
+            quad = gd.sum() if r is None else (gd * r * r).sum()
+            for col, x in zip(cols, (a.square().sum(), d.square().sum(), quad)):
+                col.append(x)
+            block_scales.append(r)
+        home = cols[0][0].device
+        return torch.stack([torch.stack([x.to(home) for x in col]) for col in cols]), block_scales
+
+    def _scales(self, sums: torch.Tensor, coefs: list[torch.Tensor | float], lrs: list[float]) -> torch.Tensor:
+        """``s_p * nu`` of every entry from the whole-parameter sums (``(3, n)``, :meth:`_partial_sums`):
+        ``s_p`` is the momentum's factor times ``||a|| / ||d||`` (per-parameter grafting), the factor alone
+        (per-block grafting: the blocks' ratios are applied on top), 1 without grafting."""
+        a_sq, d_sq, quad = sums.unbind(0)
+        ratio = torch.ones_like(d_sq)
+        if self.graft is not None and self.graft_scope == "parameter":
+            ratio = a_sq.sqrt() / d_sq.sqrt().clamp_min(1e-30)
+        # (the factors are device tensors or floats: no host-to-device copy, no synchronisation)
+        s = torch.stack([x * (c.to(x.device) if torch.is_tensor(c) else c) for x, c in zip(ratio, coefs)])
         if self.kl_clip is not None:
-            device = kl_terms[0].device
-            total = torch.stack([t.to(device) for t in kl_terms]).sum()
-            nu = torch.sqrt(self.kl_clip / total.clamp_min(1e-30)).clamp(max=1.0)
-            scales = [(nu.to(e.param.device) if s is None else s * nu.to(e.param.device))
-                      for s, e in zip(scales, entries)]
-        return {e.param: _scaled(e.param.grad, e.layout, s) for s, e in zip(scales, entries)}
+            total = torch.stack([(q * (lr * lr)).clamp_min(0.0) for q, lr in zip(quad * s * s, lrs)]).sum()
+            s = s * torch.sqrt(self.kl_clip / total.clamp_min(1e-30)).clamp(max=1.0)
+        return s
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        """The norm of a blocked ``(n_blocks, b)`` tensor over the graft's scope: a scalar for the whole
-        parameter, a ``(n_blocks,)`` vector for ``graft_scope="block"``."""
-        return torch.linalg.vector_norm(x, dim=-1) if self.graft_scope == "block" else torch.linalg.vector_norm(x)
-
-    @staticmethod
-    def _quadratic(g: torch.Tensor, d: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
-        """``sum_i s_i^2 g_i . d_i`` (``s``: None, one scale, or one per block)."""
-        if s is None or s.ndim == 0:
-            return (g * d).sum() if s is None else (g * d).sum() * s * s
-        return ((g * d).sum(-1) * s * s).sum()
-
-    def _graft_scale(self, p: torch.Tensor, state: dict[str, Any], g: torch.Tensor, d_norm: torch.Tensor,
-                     momentum: float, skip: torch.Tensor) -> torch.Tensor | None:
-        """``s_p``: the grafted norm over MBF's (None without grafting)."""
-        if self.graft is None:
-            return None
-        if self.graft == "sgd":
-            return self._norm(g) / d_norm
-        if "graft_sq" not in state:  # Adam's second moment and its count of (unskipped) steps
+    def _adam_step(self, state: dict[str, Any], g: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """Adam's step ``g / (sqrt(v_hat) + eps)`` (no first moment) for the blocks ``g`` of this rank's
+        rows, after folding ``g^2`` into the second moment ``v`` and counting the step (not when skipped)."""
+        if "graft_sq" not in state:  # Adam's second moment (this rank's rows) and its count of unskipped steps
             state["graft_sq"] = torch.zeros_like(g)
             state["graft_steps"] = torch.zeros((), dtype=torch.float32, device=g.device)
         v, t = state["graft_sq"], state["graft_steps"]
-        skipped = skip.reshape(()) if skip.dtype == torch.bool else skip.reshape(()) != 0
+        skipped = _as_bool(skip)
         v.copy_(torch.where(skipped, v, torch.lerp(g * g, v, GRAFT_BETA2)))
         t.copy_(torch.where(skipped, t, t + 1))
-        t1 = t.clamp_min(1.0)
-        v_hat = v / (1 - GRAFT_BETA2 ** t1)
-        adam = g / (v_hat.sqrt() + GRAFT_EPS)
-        if momentum == 0.0:
-            return self._norm(adam) / d_norm
-        # momentum's bias correction: the buffer becomes m_hat_t = (1 - mu^(t-1)) / (1 - mu^t) m_hat_(t-1)
-        # + (1 - mu) / (1 - mu^t) s d after the fused update's m <- mu m + (...) d
+        v_hat = v / (1 - GRAFT_BETA2 ** t.clamp_min(1.0))
+        return g / (v_hat.sqrt() + GRAFT_EPS)
+
+    def _momentum_correction(self, state: dict[str, Any], momentum: float, skip: torch.Tensor,
+                             ) -> torch.Tensor | float:
+        """Adam grafting with momentum: the buffer becomes ``m_hat_t = (1 - mu^(t-1)) / (1 - mu^t) m_hat_(t-1)
+        + (1 - mu) / (1 - mu^t) s d`` after the fused update's ``m <- mu m + (...) d``: rescales the buffer
+        (not when skipped) and returns the new direction's factor; 1 otherwise."""
+        if self.graft != "adam" or momentum == 0.0:
+            return 1.0
+        t1 = state["graft_steps"].clamp_min(1.0)
         buf = state["momentum_buffer"]
-        buf.mul_(torch.where(skipped, torch.ones_like(t1), (1 - momentum ** (t1 - 1)) / (1 - momentum ** t1)))
-        return (1.0 - momentum) / (1 - momentum ** t1) * self._norm(adam) / d_norm
+        buf.mul_(torch.where(_as_bool(skip), torch.ones_like(t1), (1 - momentum ** (t1 - 1)) / (1 - momentum ** t1)))
+        return (1.0 - momentum) / (1 - momentum ** t1)
 
 
-def _scaled(grad: torch.Tensor, layout: Any, s: torch.Tensor) -> torch.Tensor:
-    """``s * grad`` in the gradient's dtype; a per-block ``s`` (``(n_blocks,)``) multiplies each mini-block's
-    entries through the layout's to/from-blocks mapping."""
+def _as_bool(skip: torch.Tensor) -> torch.Tensor:
+    return skip.reshape(()) if skip.dtype == torch.bool else skip.reshape(()) != 0
+
+
+def _scaled(grad: torch.Tensor, b: int, s: torch.Tensor) -> torch.Tensor:
+    """``s * grad`` for a ``(rows, cols)`` gradient matrix, in its dtype; a per-block ``s`` (one per
+    mini-block of width ``b``) multiplies each mini-block's entries through the to/from-blocks mapping."""
     if s.ndim == 0:
-        return (grad.float() * s).to(grad.dtype)
-    blocks = ref.to_blocks(layout.matrix(grad.contiguous()).float(), layout.b) * s[:, None]
-    return ref.from_blocks(blocks, layout.rows, layout.cols).reshape(grad.shape).to(grad.dtype)
+        return (grad.float() * s.to(grad.device)).to(grad.dtype)
+    if grad.numel() == 0:  # none of the parameter's rows is this rank's
+        return grad
+    blocks = ref.to_blocks(grad.float(), b) * s[:, None]
+    return ref.from_blocks(blocks, *grad.shape).to(grad.dtype).contiguous()

@@ -91,6 +91,8 @@ def report(model: torch.nn.Module, world: int) -> dict[str, float]:
         "f_sharded": max(f_sharded),
         "f_fsdp": max(f_fsdp),
         "bucket": bucket,
+        # graft / kl_clip with sharded curvature or FSDP2: one all-reduce of at most 3 fp32 sums per tensor
+        "stepsize_sums": 2 * ring * 3 * fp32 * len(items),
     }
 
 
@@ -116,7 +118,11 @@ def table(worlds: list[int]) -> str:
                 f"{r['f_replicated'] / MB:.2f} / {r['f_sharded'] / MB:.2f} / {r['f_fsdp'] / MB:.2f} |"
             )
     lines += ["", "With stat_every=k, MBF's average extra per step is the statistics-step figure / k (plus the "
-              "plain-step figure)."]
+              "plain-step figure).", "",
+              "Step-size options (graft, kl_clip) add, with sharded curvature and FSDP2, one all-reduce of at most "
+              "3 fp32 sums per parameter tensor every step (none replicated):"]
+    for name, build in (("ResNet-32", resnet32), ("VGG-16", vgg16)):
+        lines.append(f"- {name}: " + ", ".join(f"W={w}: {report(build(), w)['stepsize_sums']:.0f} B" for w in worlds))
     return "\n".join(lines)
 
 

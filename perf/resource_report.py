@@ -7,6 +7,10 @@ see their occupancy cost before a GPU run. Usage::
 
     python perf/resource_report.py            # the default launch configs of every kernel
     python perf/resource_report.py --quick    # two configs (CI smoke)
+    python perf/resource_report.py --lane-sweep  # the lane variant at every b it serves, skip flag on/off
+
+The triton that compiles is the one Python imports: ``PYTHONPATH=<a triton 3.6 install>`` checks another
+version (the GPU machine's).
 """
 
 from __future__ import annotations
@@ -95,10 +99,11 @@ def parse_resources(out: str) -> dict[str, int]:
     return {"registers": int(m[1]), "stack": int(m[2]), "shared": int(m[3])}
 
 
-def resources(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int = 2) -> dict[str, int]:
-    """Registers, stack (spill) bytes and static shared memory of one compiled configuration (with the skip
-    flag, as the optimizer launches every kernel)."""
-    kernel = compile_sm90(fn, signature, {**constexprs, "HAS_SKIP": True}, num_warps, num_stages)
+def resources(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int = 2,
+              has_skip: bool = True) -> dict[str, int]:
+    """Registers, stack (spill) bytes and static shared memory of one compiled configuration (by default
+    with the skip flag, as the optimizer launches every kernel)."""
+    kernel = compile_sm90(fn, signature, {**constexprs, "HAS_SKIP": has_skip}, num_warps, num_stages)
     return parse_resources(cuobjdump_text(kernel.asm["cubin"], "-res-usage"))
 
 
@@ -148,13 +153,37 @@ def rows(quick: bool) -> list[tuple[str, str, dict]]:
     return out
 
 
+def lane_sweep_rows(bs: tuple[int, ...] = tuple(range(2, bu.LANE_MAX_B + 1))) -> list[tuple[str, str, dict]]:
+    """The lane variant at every ``b`` it serves: single kernel (fp32) and grouped kernel (bf16 parameters),
+    each with the skip flag on and off, at the default launch config (the heuristic's)."""
+    out = []
+    for b in bs:
+        blocks, warps = bu.default_launch_config(b, "lane")
+        cx = {"B": b, "B_PAD": triton.next_power_of_2(b), "T": b * (b + 1) // 2, "BLOCKS": blocks, "LANE": True,
+              "LOG_CHUNK": bu.lane_log_chunk(b)}
+        for kernel, fn, sig in (("block_update", bu._damped_block_update_kernel, BLOCK_UPDATE_SIG),
+                                ("grouped_block_update", bu._grouped_block_update_kernel, GROUPED_SIG)):
+            for has_skip in (True, False):
+                r = resources(fn, sig, cx, warps, has_skip=has_skip)
+                dtype = " bf16" if kernel == "grouped_block_update" else ""
+                flag = "on" if has_skip else "off"
+                out.append((kernel, f"lane b={b} blocks={blocks} warps={warps}{dtype} skip={flag}", r))
+                print(f"| {kernel} | {out[-1][1]} | {r['registers']} | {r['stack']} |", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="two configurations only (CI smoke)")
+    ap.add_argument("--lane-sweep", action="store_true", help="the lane variant, b = 2..16, skip flag on/off")
+    ap.add_argument("--b", type=int, nargs="+", default=None, help="block sizes of --lane-sweep")
     args = ap.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     print(f"triton {triton.__version__}, target sm_{ARCH}; compiler report, not a timing")
     print("| kernel | configuration | registers | spill stack bytes |\n|---|---|---|---|")
+    if args.lane_sweep:
+        lane_sweep_rows(tuple(args.b) if args.b else tuple(range(2, bu.LANE_MAX_B + 1)))
+        return 0
     for kernel, cfg, r in rows(args.quick):
         print(f"| {kernel} | {cfg} | {r['registers']} | {r['stack']} |", flush=True)
     return 0

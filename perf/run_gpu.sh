@@ -13,8 +13,9 @@
 #          tuned vs heuristic timed again after each sweep (issue 4's check)
 #   nccl   (2+ GPUs; not in the default list; NOT YET RUN: the lent machines have one GPU) data-parallel MBF
 #          on NCCL: examples/data_parallel.py under torchrun on every GPU, DDP replicated, DDP with sharded
-#          curvature and FSDP2, each against one process on the global batch (--check-parity, rel. diff
-#          below 1e-4 passes), and the three modes' losses must agree
+#          curvature and FSDP2 (the last two also with graft="adam" and kl_clip), each against one process
+#          on the global batch (--check-parity, rel. diff below 1e-4 passes), and the three plain modes'
+#          losses must agree
 # The stages write into a fresh work folder; ${OUT:-perf/out} then gets at most 8 files: summary.md,
 # results.tar.gz (every CSV, plot, summary and log), the three plots and the three main CSVs, so that
 # tools which bring back only a few files get all of it. The summary comes last on stdout. Stages keep
@@ -83,8 +84,10 @@ for s in "${STAGES[@]}"; do
            if [ "${NGPU:-0}" -lt 2 ]; then
              echo "nccl: needs 2+ GPUs, found ${NGPU:-0}: not run" | tee -a "$LOGS/stages.log"; RC[nccl]=0
            else
-             for m in replicated sharded fsdp; do
-               flag=$(case $m in sharded) echo --shard-curvature;; fsdp) echo --fsdp;; esac)
+             for m in replicated sharded fsdp sharded_graft fsdp_graft; do
+               flag=$(case $m in sharded) echo --shard-curvature;; fsdp) echo --fsdp;;
+                      sharded_graft) echo --shard-curvature --graft adam --kl-clip 1e-3;;
+                      fsdp_graft) echo --fsdp --graft adam --kl-clip 1e-3;; esac)
                run_stage "nccl_$m" "${NCCL_TIMEOUT:-180}" $PY -m torch.distributed.run --nproc-per-node="$NGPU" \
                  examples/data_parallel.py --epochs 2 --check-parity $flag
                err=$(sed -n 's/.*max relative parameter difference \([0-9.e+-]*\).*/\1/p' "$LOGS/nccl_$m.log")

@@ -116,13 +116,14 @@ def test_torch_backend_reuses_factors_until_f_changes():
         assert len(calls) == 3
 
 
-def test_default_schedule_matches_fresh_factors_bit_for_bit():
+@pytest.mark.parametrize("graft", [None, "adam"])
+def test_default_schedule_matches_fresh_factors_bit_for_bit(graft):
     """MBF with stat_every=3 on the torch path: reused factors give the same parameters as a backend that
-    refactors every step."""
+    refactors every step (grafted: the directions' factors, joined into the update's, included)."""
     def run(reuse: bool) -> list[torch.Tensor]:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
-        opt = MBF(model, lr=0.1, damping=1e-2, stat_every=3, backend="torch")
+        opt = MBF(model, lr=0.1, damping=1e-2, stat_every=3, backend="torch", graft=graft)
         backend = TorchBackend()
         backend.reuse_factors = reuse
         for i in range(7):
@@ -138,3 +139,27 @@ def test_default_schedule_matches_fresh_factors_bit_for_bit():
 
     for a, b in zip(run(True), run(False)):
         assert torch.equal(a, b)
+
+
+
+@pytest.mark.parametrize("graft", [None, "adam"])
+def test_each_block_is_factored_once_per_statistics_step(graft, monkeypatch):
+    """Grafting needs the direction before the update: both use one factor per block per statistics step
+    (the directions' factors are joined into the update group's), none on the other steps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    opt = MBF(model, lr=0.1, damping=1e-2, stat_every=3, block_size=4, backend="torch", graft=graft)
+    factored = []
+    real = ref.damped_cholesky
+    monkeypatch.setattr(ref, "damped_cholesky",
+                        lambda f, b, damping: factored.append(f.shape[0]) or real(f, b, damping))
+    per_step = []
+    for i in range(6):
+        x = torch.randn(8, 8, generator=torch.Generator().manual_seed(i))
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        per_step.append(sum(factored))
+        factored.clear()
+    blocks = sum(s["F"].shape[0] for s in opt.state.values() if s["F"].shape[1] > 1)
+    assert per_step == [blocks, 0, 0, blocks, 0, 0]

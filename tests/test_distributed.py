@@ -85,7 +85,41 @@ def train(model: nn.Module, opt: MBF, steps: range, rank: int | None, nan_step: 
 
 def hyper(cfg: dict) -> dict:
     return dict(lr=0.02, damping=0.1, weight_decay=1e-3, stat_every=cfg.get("stat_every", 1),
-                backend=cfg.get("backend", "torch"))
+                backend=cfg.get("backend", "torch"), graft=cfg.get("graft"), kl_clip=cfg.get("kl_clip"),
+                graft_scope=cfg.get("graft_scope", "parameter"))
+
+
+COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter_single", "reduce_scatter", "all_gather",
+               "all_gather_into_tensor", "all_gather_single", "broadcast", "all_to_all_single", "barrier")
+
+
+class CountCollectives:
+    """Counts, per ``opt.step()``, the calls of torch.distributed's collectives (by name) while it runs."""
+
+    def __init__(self, opt: MBF) -> None:
+        self.steps: list[dict[str, int]] = []
+        step = opt.step
+
+        def counted_step(*args, **kwargs):
+            self.steps.append({})
+            originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+            for name, fn in originals.items():
+                setattr(dist, name, self._counting(name, fn))
+            try:
+                return step(*args, **kwargs)
+            finally:
+                for name, fn in originals.items():
+                    setattr(dist, name, fn)
+
+        opt.step = counted_step
+        opt.collective_counts = self.steps
+
+    def _counting(self, name: str, fn):
+        def wrapper(*args, **kwargs):
+            self.steps[-1][name] = self.steps[-1].get(name, 0) + 1
+            return fn(*args, **kwargs)
+
+        return wrapper
 
 
 def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -105,14 +139,28 @@ def scenarios(mode: str) -> dict[str, dict]:
         "default_schedule": dict(steps=12, stat_every=10),  # statistics on steps 0 and 10
         # a NaN in rank 1's batch on step 1, rank 0's checkpoint after step 2 loaded by every rank
         "nan_and_checkpoint": dict(steps=4, stat_every=1, nan_step=1, resume_at=2),
+        # step-size options (mbf_triton.stepsize): whole-parameter sums from the ranks' rows. The kl_clip
+        # bounds bind on some steps of these runs (test_step_size_options_match_one_process checks it)
+        **STEPSIZE_SCENARIOS,
     }
     if mode == "fsdp":  # a NaN that reaches one rank's gradient shard only: the flag is agreed on
         out["nan_shard"] = dict(steps=3, stat_every=1, poison_step=1)
+        out["graft_nan_shard"] = dict(steps=3, stat_every=1, poison_step=1, graft="adam", kl_clip=5e-3)
     if mode == "replicated":
         out["local_statistics"] = dict(steps=4, stat_every=1, process_group=None)
         out["inner_module"] = dict(steps=4, stat_every=1, inner=True)  # MBF(ddp.module): the default group
     return out
 
+
+STEPSIZE_SCENARIOS = {
+    "graft_adam": dict(steps=4, stat_every=1, graft="adam"),
+    "graft_sgd_kl": dict(steps=4, stat_every=1, graft="sgd", kl_clip=7e-5),
+    "kl_clip": dict(steps=4, stat_every=1, kl_clip=3e-3),
+    # per-block grafting: a block is whole on one rank, so only kl_clip's total is summed across ranks
+    "graft_block": dict(steps=4, stat_every=1, graft="adam", graft_scope="block"),
+    "graft_block_kl": dict(steps=4, stat_every=1, graft="sgd", graft_scope="block", kl_clip=1e-4),
+    "graft_nan_and_checkpoint": dict(steps=4, stat_every=1, nan_step=1, resume_at=2, graft="adam", kl_clip=5e-3),
+}
 
 TRITON_CPU = os.environ.get("TRITON_INTERPRET", "0") == "1" and importlib.util.find_spec("triton") is not None
 
@@ -191,6 +239,7 @@ def _inner(model: nn.Module) -> nn.Module:
 
 def _run(rank: int, mode: str, cfg: dict, ckpt: str) -> dict:
     model, opt = _wrap(mode, cfg)
+    counter = CountCollectives(opt)
     steps, nan_step = cfg["steps"], cfg.get("nan_step", -1)
     result: dict = {}
     if "resume_at" in cfg:  # a checkpoint mid-run: rank 0's state loads on every rank
@@ -227,12 +276,15 @@ def _run(rank: int, mode: str, cfg: dict, ckpt: str) -> dict:
     result["params"] = full_state(_inner(model))
     result["counters"] = (opt.steps, opt.skipped_steps)
     result["f_numel"] = sum(s["F"].numel() for s in opt.state.values())
+    result["graft_rows"] = [s["graft_sq"].shape[0] for s in opt.state.values() if "graft_sq" in s]
+    result["collectives"] = counter.steps
     return result
 
 
 def reference(cfg: dict) -> tuple[dict, MBF]:
     model = make_model()
     opt = MBF(model, **hyper(cfg), process_group=None)
+    CountCollectives(opt)
     # a step with a NaN anywhere is skipped whole: the reference has it in its batch
     train(model, opt, range(cfg["steps"]), None, cfg.get("nan_step", cfg.get("poison_step", -1)))
     return full_state(model), opt
@@ -281,14 +333,16 @@ def test_parity_with_one_process(ranks, scenario):
         assert sum(r[scenario]["f_numel"] for r in results) == f_single
 
 
-def test_nan_on_one_rank_and_checkpoint(ranks):
+@pytest.mark.parametrize("scenario", ["nan_and_checkpoint", "graft_nan_and_checkpoint"])
+def test_nan_on_one_rank_and_checkpoint(ranks, scenario):
     """A NaN in one rank's batch skips the step on every rank (as in one process on the pooled batch); rank
-    0's checkpoint, loaded on every rank, resumes bit-exactly, and loads into one process too."""
+    0's checkpoint, loaded on every rank, resumes bit-exactly, and loads into one process too. With grafting
+    and kl_clip: Adam's statistics are left alone by the skipped step, and the checkpoint carries them."""
     mode, results, out = ranks
-    cfg = scenarios(mode)["nan_and_checkpoint"]
+    cfg = scenarios(mode)[scenario]
     want, _ = reference(cfg)
     for r in results:
-        res = r["nan_and_checkpoint"]
+        res = r[scenario]
         assert res["counters"] == (cfg["steps"] - 1, 1)
         assert res["resumed_counters"] == (cfg["steps"] - 1, 1)
         assert_close(res["params"], want)
@@ -298,7 +352,12 @@ def test_nan_on_one_rank_and_checkpoint(ranks):
             assert res["resumed_dcp_counters"] == (cfg["steps"] - 1, 1)
             for name, t in res["params"].items():
                 assert torch.equal(res["resumed_dcp"][name], t), name
-    saved = torch.load(out / "nan_and_checkpoint.ckpt")
+    saved = torch.load(out / f"{scenario}.ckpt")
+    if cfg.get("graft"):  # the whole grafting moment, gathered from the ranks' rows
+        single = reference({**cfg, "steps": cfg["resume_at"]})[1].state_dict()
+        for k, st in single["state"].items():
+            assert saved["opt"]["state"][k]["graft_sq"].shape == st["graft_sq"].shape
+            torch.testing.assert_close(saved["opt"]["state"][k]["graft_sq"], st["graft_sq"], rtol=1e-5, atol=1e-12)
     model = make_model()
     model.load_state_dict(saved["model"])
     opt = MBF(model, **hyper(cfg), process_group=None)
@@ -308,16 +367,68 @@ def test_nan_on_one_rank_and_checkpoint(ranks):
     assert (opt.steps, opt.skipped_steps) == (cfg["steps"] - 1, 1)
 
 
-def test_nan_in_one_gradient_shard(ranks):
-    """FSDP2: a NaN in rank 1's gradient shard only (rank 0's shard is finite) skips the step on both."""
+@pytest.mark.parametrize("scenario", ["nan_shard", "graft_nan_shard"])
+def test_nan_in_one_gradient_shard(ranks, scenario):
+    """FSDP2: a NaN in rank 1's gradient shard only (rank 0's shard is finite) skips the step on both (with
+    grafting: Adam's statistics of both shards untouched by it)."""
     mode, results, _ = ranks
     if mode != "fsdp":
         pytest.skip("DDP's all-reduced gradient carries a NaN to every rank (test_nan_on_one_rank_and_checkpoint)")
-    cfg = scenarios(mode)["nan_shard"]
+    cfg = scenarios(mode)[scenario]
     want, _ = reference(cfg)
     for r in results:
-        assert r["nan_shard"]["counters"] == (cfg["steps"] - 1, 1)
-        assert_close(r["nan_shard"]["params"], want)
+        assert r[scenario]["counters"] == (cfg["steps"] - 1, 1)
+        assert_close(r[scenario]["params"], want)
+
+
+STEPSIZE_RUNS = ["graft_adam", "graft_sgd_kl", "kl_clip", "graft_block", "graft_block_kl"]
+
+
+@pytest.mark.parametrize("scenario", STEPSIZE_RUNS)
+def test_step_size_options_match_one_process(ranks, scenario):
+    """graft="adam"/"sgd" and kl_clip need whole-parameter sums while a rank holds some rows of each
+    parameter (sharded curvature, FSDP2 with uneven and empty shards): the run equals one process on the
+    concatenated batch, and each rank keeps Adam's moment of its own rows only."""
+    mode, results, _ = ranks
+    cfg = scenarios(mode)[scenario]
+    want, opt = reference(cfg)
+    assert not any(opt.collective_counts)  # one process: no collective (none is initialised either)
+    if cfg.get("kl_clip"):  # the bound binds: without it the run ends elsewhere
+        free, _ = reference({**cfg, "kl_clip": None})
+        assert max(((free[n] - want[n]).norm() / want[n].norm()).item() for n in want) > 1e-3
+    single_rows = [s["graft_sq"].shape[0] for s in opt.state.values() if "graft_sq" in s]
+    assert len(single_rows) == (len(opt.state) if cfg.get("graft") == "adam" else 0)
+    for r in results:
+        assert_close(r[scenario]["params"], want)
+        assert r[scenario]["counters"] == (cfg["steps"], 0)
+    rows = [r[scenario]["graft_rows"] for r in results]
+    if mode == "replicated" or not single_rows:
+        assert all(got == single_rows for got in rows)
+    else:  # every row's moment on exactly one rank; some rank holds none of some parameter's
+        assert [sum(per_param) for per_param in zip(*rows)] == single_rows
+        assert all(sum(got) < sum(single_rows) for got in rows) and any(0 in got for got in rows)
+
+
+@pytest.mark.parametrize("scenario", STEPSIZE_RUNS)
+def test_step_size_options_add_at_most_one_all_reduce_per_step(ranks, scenario):
+    """Counted in every opt.step(): the step-size options add one all_reduce (all parameters' partial sums
+    together) where rows are split across ranks and a whole-parameter or global sum is needed; none in
+    replicated DDP or for per-block grafting alone; the other collectives are the plain run's (same
+    statistics schedule)."""
+    mode, results, _ = ranks
+    cfg = scenarios(mode)[scenario]
+    needs_sums = cfg.get("kl_clip") is not None or cfg.get("graft_scope", "parameter") == "parameter"
+    extra = 1 if mode != "replicated" and needs_sums else 0
+    # all_reduces of the plain run per step (stats every step): replicated the statistics bucket; sharded
+    # none (reduce_scatter + all_gather); FSDP2 the skip flag (+ reduce_scatter)
+    plain_all_reduce = {"replicated": 1, "sharded": 0, "fsdp": 1}[mode]
+    for r in results:
+        plain, scaled = r["every_step"]["collectives"], r[scenario]["collectives"]
+        assert len(plain) == len(scaled) == 4
+        for p, q in zip(plain, scaled):
+            assert p.get("all_reduce", 0) == plain_all_reduce
+            want = {**p, "all_reduce": plain_all_reduce + extra}
+            assert q == {name: n for name, n in want.items() if n}
 
 
 def test_wrapped_module_uses_the_default_group(ranks):

@@ -90,3 +90,42 @@ def test_model_predicts_one_compiled_config(tmp_path):
         assert r["fp32"] > 0 and r["mufu"] > 0 and r["stack"] == 0, v
     # one block per lane: 3 rsqrt per block are 3/32 warp instructions; the tile kernel pays per 16x tile
     assert out["lane"]["mufu"] < out["tile"]["mufu"]
+
+
+def test_stats_model_counts_the_linear_dot_fmas(tmp_path):
+    """perf/stats_model.py on one small Linear layer (in 20, out 24, batch 70; b = 16: two chunks, T = 136 in
+    three tiles of 64, so the statistics kernel stores partials and its EMA runs in a second launch). The
+    kernel's only FP32 multiply-adds are its ``tl.dot`` over the batch (``input_precision="ieee"``: FMA
+    code), so the SASS count must be, by hand: programs x ceil(70 / BLOCK_M) x BLOCK_O * BLOCK_T * BLOCK_M
+    lane FMAs = 6 x 3 x 32 * 64 * 32."""
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this triton build ships no cuobjdump")
+    code = (
+        "import json, sys; sys.path.insert(0, %r); import stats_model as sm\n"
+        "from torch import nn\n"
+        "layer = sm.Layer('fc', nn.Linear(20, 24), (70, 20), (70, 24))\n"
+        "launches = sm.layer_launches(layer)\n"
+        "p = sm.predict_launch(launches[0], layer)\n"
+        "print(json.dumps({'kernels': [la.kernel for la in launches], 'grid': launches[0].grid,\n"
+        "    'c': {k: launches[0].constexprs[k] for k in ('BLOCK_O', 'BLOCK_M', 'BLOCK_T', 'PARTIAL')},\n"
+        "    'ffma': p.per_launch['ffma'], 'fp32': p.per_launch['fp32'], 'mma': p.per_launch['tensor_mma'],\n"
+        "    'ld_bytes': p.per_launch['ld_bytes'], 'useful': sm.useful_fma(layer), 'ms': p.ms,\n"
+        "    'stack': p.spill_stack, 'dram': p.dram_bytes}))\n" % str(PERF)
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["MBF_MODEL_CACHE"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["kernels"] == ["_linear_fisher_ema_kernel", "_partials_ema_kernel"]
+    assert out["c"] == {"BLOCK_O": 32, "BLOCK_M": 32, "BLOCK_T": 64, "PARTIAL": True}
+    assert out["grid"] == [2 * 3, 1, 1]  # (chunks x T tiles, output tiles)
+    assert out["ffma"] * 32 == 6 * 3 * 32 * 64 * 32
+    assert out["fp32"] >= out["ffma"] and out["mma"] == 0  # plus the squares g*g, x*x and the scale
+    assert out["useful"] == 70 * 24 * (136 + 10)  # chunks of 16 and 4 columns
+    assert out["stack"] == 0 and out["ms"] > 0
+    # the dot's operands (g 32x32, x rows and columns 32x64 per step) come in by asynchronous copies (LDGSTS),
+    # which count as global loads: at least every step's operands, once
+    assert out["ld_bytes"] >= 6 * 3 * 4 * (32 * 32 + 2 * 32 * 64)
+    # DRAM: x and gout read once, the partial statistic of 24 * 2 blocks x 136 entries written
+    assert out["dram"] == 4 * (70 * 20 + 70 * 24) + 4 * 48 * 136

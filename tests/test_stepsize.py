@@ -295,19 +295,3 @@ def test_triton_backend_makes_the_same_scaled_steps(scope):
     for (n, a), b in zip(m_ref.named_parameters(), m_tri.parameters()):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=n)
         torch.testing.assert_close(o_tri.state[b]["graft_sq"], o_ref.state[a]["graft_sq"], atol=1e-7, rtol=1e-4)
-
-
-def test_rescaled_steps_refuse_sharded_curvature():
-    class DP:  # what mbf_triton.distributed.resolve returns, reduced to its mode
-        def __init__(self, mode):
-            self.mode = mode
-
-    StepSize = MBF(model(), **PLAIN).stepsize.__class__
-    for mode in ("sharded", "fsdp"):
-        with pytest.raises(ValueError, match="replicated DDP"):
-            StepSize(graft="adam").checked(DP(mode))
-        with pytest.raises(ValueError, match="replicated DDP"):  # per-block norms too (they would need the rows)
-            StepSize(graft="adam", graft_scope="block").checked(DP(mode))
-        StepSize(graft=None, stat_warmup=2).checked(DP(mode))  # the paper's step is fine everywhere
-    StepSize(graft="adam", kl_clip=1e-3).checked(DP("replicated"))
-    StepSize(graft="adam").checked(None)
