@@ -139,11 +139,9 @@ class StepSize:
         (``graft_scope="block"``; else None and ``r_i = 1``)."""
         cols: list[list[torch.Tensor]] = [[], [], []]
         block_scales = []
-        for e, grad in zip(entries, grads):
+        for e, grad, d in zip(entries, grads, _directions(entries, states, grads)):
             state, layout = states[e.param], e.layout
             g = ref.to_blocks(grad.float(), layout.b)
-            # the backend's direction: the torch backend factors F once and its update reuses the factor
-            d = e.backend.direction(state["F"], grad, b=layout.b, damping=e.group["damping"]) if g.shape[0] else g
             a = self._adam_step(state, g, skip[g.device]) if self.graft == "adam" else g
             r = None
             if self.graft is not None and self.graft_scope == "block":
@@ -195,6 +193,29 @@ class StepSize:
         buf = state["momentum_buffer"]
         buf.mul_(torch.where(_as_bool(skip), torch.ones_like(t1), (1 - momentum ** (t1 - 1)) / (1 - momentum ** t1)))
         return (1.0 - momentum) / (1 - momentum ** t1)
+
+
+def _directions(entries: list[Any], states: dict[torch.Tensor, dict[str, Any]], grads: list[torch.Tensor],
+                ) -> list[torch.Tensor]:
+    """MBF's direction of every entry (fp32 blocks of the rows this rank holds), from the backends'
+    ``directions`` called per update group (backend, device, dtype, b, param group: as the optimizer's
+    update batches), so that the Triton backend launches once per group and the torch backend factors
+    each group once for both the directions and the update."""
+    out: list[torch.Tensor | None] = [None] * len(entries)
+    batches: dict[tuple, list[int]] = {}
+    for k, (e, grad) in enumerate(zip(entries, grads)):
+        if states[e.param]["F"].shape[0] == 0:  # none of its rows is this rank's
+            out[k] = ref.to_blocks(grad.float(), e.layout.b)
+        else:
+            key = (id(e.backend), e.param.device, e.param.dtype, e.layout.b, id(e.group))
+            batches.setdefault(key, []).append(k)
+    for ks in batches.values():
+        e = entries[ks[0]]
+        ds = e.backend.directions([(states[entries[k].param]["F"], grads[k]) for k in ks], b=e.layout.b,
+                                  damping=e.group["damping"])
+        for k, d in zip(ks, ds):
+            out[k] = d
+    return out
 
 
 def _as_bool(skip: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ Times one training iteration (zero_grad + forward + loss + backward + ``step()``
 demo's two models (``mbf_triton.experiments``: the digits autoencoder and the CNN) for
 
 * ``adam``: ``torch.optim.Adam``;
-* ``mbf``: MBF with its defaults (statistics every ``stat_every`` steps, 10);
+* ``mbf``: MBF with its defaults (statistics every ``stat_every`` steps, 10; per-block Adam grafting);
+* ``mbf paper``: the same with ``graft=None``, the paper's step (what grafting costs on top);
 * ``mbf stat``: MBF with ``stat_every=1``: every iteration is a statistics step.
 
 The configurations run interleaved: each round runs a window of ``W`` iterations (``W`` = MBF's default
@@ -42,7 +43,8 @@ def default_stat_every() -> int:
 
 
 def configs(stat_every: int) -> dict[str, dict]:
-    return {"adam": {}, "mbf": {"stat_every": stat_every}, "mbf stat": {"stat_every": 1}}
+    return {"adam": {}, "mbf": {"stat_every": stat_every}, "mbf paper": {"stat_every": stat_every, "graft": None},
+            "mbf stat": {"stat_every": 1}}
 
 
 def build(task: str, name: str, kw: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

@@ -65,9 +65,9 @@ def live_tensor_bytes() -> int:
             if obj.is_meta:
                 continue
             storage = obj.untyped_storage()
-        except Exception:  # noqa: BLE001 - tensors without storage (sparse, functional wrappers)
+            key = storage.data_ptr()
+        except Exception:  # noqa: BLE001 - tensors without real storage (sparse, functional, fake: torch.compile's)
             continue
-        key = storage.data_ptr()
         if key not in seen:
             seen.add(key)
             total += storage.nbytes()

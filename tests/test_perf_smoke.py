@@ -61,10 +61,10 @@ def test_cpu_step_bench_runs_a_fixed_small_amount_of_work() -> None:
     proc = subprocess.run([sys.executable, str(PERF / "bench_cpu.py"), "--rounds", "1", "--warmup", "1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [re.match(r"(autoencoder|cnn)\s+(adam|mbf stat|mbf)\s+([\d.]+)\s+([\d.]+)", line)
+    rows = [re.match(r"(autoencoder|cnn)\s+(adam|mbf stat|mbf paper|mbf)\s+([\d.]+)\s+([\d.]+)", line)
             for line in proc.stdout.splitlines() if line.startswith(("autoencoder ", "cnn "))]
     assert [(m.group(1), m.group(2)) for m in rows] == [
-        (t, o) for t in ("autoencoder", "cnn") for o in ("adam", "mbf", "mbf stat")]
+        (t, o) for t in ("autoencoder", "cnn") for o in ("adam", "mbf", "mbf paper", "mbf stat")]
     assert all(float(m.group(3)) > 0 for m in rows)
     assert "targets" in proc.stdout and "load average" in proc.stdout
 
@@ -78,12 +78,15 @@ def test_help() -> None:
 
 def test_host_overhead_counts_launches_and_times_the_step() -> None:
     """perf/host_overhead.py: the stubbed-kernel host measurement runs on the CPU and counts what a
-    step launches (the fused update of the autoencoder's weights and biases: 2 grouped launches)."""
+    step launches (the fused update of the autoencoder's weights and biases: 2 grouped launches, and the
+    grafting's directions: 2 more)."""
     proc = subprocess.run([sys.executable, str(PERF / "host_overhead.py"), "--models", "autoencoder", "--steps",
                            "2"], cwd=PERF, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| autoencoder")]
     assert len(rows) == 2
     (no_stats, stats) = rows
-    assert float(no_stats[3]) > 0 and int(no_stats[4]) == 2  # weights (b=16) and biases (b=1): 2 launches
+    # weights (b=16) and biases (b=1): 2 update launches, and 2 more for the directions that the default
+    # per-block Adam grafting takes norms of (grouped like the update)
+    assert float(no_stats[3]) > 0 and int(no_stats[4]) == 4
     assert int(stats[4]) > int(no_stats[4])  # plus the statistics kernels
