@@ -31,6 +31,7 @@ from torch.autograd.graph import get_gradient_edge
 
 from .blocks import CONV_TYPES, LINEAR_TYPES
 from .distributed import is_dtensor
+from .reference import ConvGeometry
 
 # normalised over the trailing dims (LayerNorm, RMSNorm), or per channel in dim 1 (GroupNorm, BatchNorm)
 TRAILING_NORM_TYPES = (nn.LayerNorm, nn.RMSNorm)
@@ -136,6 +137,8 @@ class Capture:
         self._owner: weakref.ref | None = None
         # id(parameter) -> (parameter, module); the parameter is kept so that its id cannot be reused
         self._module_of: dict[int, tuple[torch.Tensor, nn.Module]] = {}
+        # id(parameter) -> the layers that share it (weight tying between like layers): their records pool
+        self._sharers: dict[int, list[nn.Module]] = {}
         self._layers: dict[int, tuple[nn.Module, list[torch.Tensor]]] = {}  # id(module) -> (module, params)
         self._hook_keys: list[tuple[nn.Module, int]] = []
         self._tracks: dict[int, _Track] = {}
@@ -148,7 +151,8 @@ class Capture:
     def __getstate__(self) -> dict:
         # records, tracks and the owner stay behind: a copy records nothing until an optimizer attaches it
         return {"model": self._model(), "module_of": list(self._module_of.values()),
-                "layers": list(self._layers.values()), "hook_keys": self._hook_keys}
+                "layers": list(self._layers.values()), "hook_keys": self._hook_keys,
+                "sharers": [(self._module_of[k][0], ms) for k, ms in self._sharers.items()]}
 
     def __setstate__(self, state: dict) -> None:
         model = state["model"]
@@ -156,6 +160,7 @@ class Capture:
         self.wanted, self.records, self._owner = set(), {}, None
         self._module_of = {id(p): (p, m) for p, m in state["module_of"]}
         self._layers = {id(m): (m, ps) for m, ps in state["layers"]}
+        self._sharers = {id(p): ms for p, ms in state.get("sharers", ())}
         self._hook_keys = state["hook_keys"]
         self._tracks, self._touched, self._seen, self._holding = {}, {}, set(), []
 
@@ -174,15 +179,23 @@ class Capture:
         if model is None:
             return
         wanted = None if params is None else {id(p) for p in params}
+        owners: dict[int, list[nn.Module]] = {}
+        for module in model.modules():
+            for p in module._parameters.values():
+                if p is not None:
+                    owners.setdefault(id(p), []).append(module)
         for module in model.modules():
             if not isinstance(module, HOOKED_TYPES):
                 continue
             mine = [p for p in (getattr(module, "weight", None), getattr(module, "bias", None))
-                    if isinstance(p, torch.Tensor) and (wanted is None or id(p) in wanted)]
+                    if isinstance(p, torch.Tensor) and (wanted is None or id(p) in wanted)
+                    and _poolable(p, owners.get(id(p), [module]))]
             if not mine:
                 continue
             for p in mine:
                 self._module_of.setdefault(id(p), (p, module))
+                if len(owners.get(id(p), ())) > 1:
+                    self._sharers[id(p)] = owners[id(p)]
             layer = self._layers.get(id(module))
             if layer is None:
                 self._layers[id(module)] = (module, mine)
@@ -226,8 +239,10 @@ class Capture:
 
     def seen(self, module: nn.Module) -> bool:
         """Whether ``module``'s forward hook has run (layers called functionally, e.g. the ``out_proj`` of
-        ``nn.MultiheadAttention``, never have per-sample data)."""
-        return id(module) in self._seen
+        ``nn.MultiheadAttention``, never have per-sample data), or that of a layer sharing its weight."""
+        params = self._layers.get(id(module), (module, []))[1]
+        sharers = [m for p in params for m in self._sharers.get(id(p), ())]
+        return id(module) in self._seen or any(id(m) in self._seen for m in sharers)
 
     def _forward(self, module: nn.Module, inputs: tuple, output) -> None:
         if not (module.training and torch.is_grad_enabled()) or not self._active():
@@ -300,7 +315,7 @@ class Capture:
         if t is None or t.param is not param or not t.tasks:
             return []
         out = []
-        for r in self.records.get(module, ()):
+        for r in (r for m in self._sharers.get(id(param), [module]) for r in self.records.get(m, ())):
             g = None
             for task, part in r.parts:
                 if task in t.tasks:
@@ -339,6 +354,23 @@ class Capture:
         self._layers.clear()
         self.records.clear()
         self._owner = None
+
+
+def _poolable(p: torch.Tensor, modules: list[nn.Module]) -> bool:
+    """Whether the per-sample data of ``modules`` (all the modules holding ``p``) gives ``p``'s per-sample
+    gradients: one module, or like layers sharing ``p`` in the same role (tied ``nn.Linear`` weights; convs of
+    one geometry), whose uses pool as separate samples like one layer used twice. A parameter shared with any
+    other module (an embedding tied to an output layer) has per-sample data for part of its gradient only:
+    it takes the batch-gradient path, as parameters outside supported layers do."""
+    first = modules[0]
+    for m in modules:
+        if type(m) is not type(first) or not isinstance(m, LINEAR_TYPES + CONV_TYPES):
+            return len(modules) == 1
+        if (p is m.weight) != (p is first.weight):
+            return False
+        if isinstance(m, CONV_TYPES) and (ConvGeometry.of(m), m.groups) != (ConvGeometry.of(first), first.groups):
+            return False
+    return True
 
 
 class _BeforeAccumulate:

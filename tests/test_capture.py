@@ -232,6 +232,59 @@ def test_gradient_accumulation_equals_the_full_batch_for_every_parameter():
     assert_fisher(full_opt, full_model, fisher(full_opt, full_model, [(mse, tokens, y)], names=names))
 
 
+class TiedLM(nn.Module):
+    """A language model whose output layer's weight is its embedding's (weight tying)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.out = nn.Embedding(7, 5), nn.Linear(5, 7)
+        self.out.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.emb(tokens)))
+
+
+def test_weight_tied_to_an_embedding_takes_the_batch_gradient_path():
+    # the output layer's per-sample data covers only its part of the tied gradient: F would miss the
+    # embedding's; the tied weight takes the batch-gradient path (1x1 blocks, Fhat = g g^T)
+    torch.manual_seed(0)
+    model = TiedLM().to(DT)
+    opt = first_stats(model)
+    tokens, y = torch.randint(0, 7, (6,)), torch.randint(0, 7, (6,))
+    nn.functional.cross_entropy(model(tokens), y).backward()
+    opt.step()
+    w = model.out.weight
+    assert opt.layout(w).kind == "diag"
+    torch.testing.assert_close(opt.state[w]["F"], w.grad.reshape(-1, 1).square().float())
+    bias = fisher(opt, model, [(nn.functional.cross_entropy, tokens, y)], names=["out.bias"])
+    assert_fisher(opt, model, bias)  # the untied bias keeps its per-sample statistics
+
+
+def test_weight_shared_by_two_linear_layers_pools_both_uses():
+    # two nn.Linear sharing one weight: both uses count (as separate samples), as for one layer used twice
+    class Shared(nn.Module):
+        def __init__(self, tied: bool) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4, bias=False)
+            self.b = nn.Linear(4, 4, bias=False) if tied else self.a
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    x, y = torch.randn(5, 4, dtype=DT), torch.randn(5, 4, dtype=DT)
+    fs = []
+    for tied in (True, False):
+        torch.manual_seed(0)
+        model = Shared(tied).to(DT)
+        opt = first_stats(model)
+        mse(model(x), y).backward()
+        opt.step()
+        fs.append(opt.state[model.a.weight]["F"])
+    assert fs[1].abs().max() > 0
+    torch.testing.assert_close(fs[0], fs[1])
+
+
 def test_norm_layers_on_sequences_sum_the_positions_of_each_sample():
     torch.manual_seed(15)
     model = Tagger().to(DT)
