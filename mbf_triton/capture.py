@@ -126,7 +126,7 @@ class Capture:
     """Owns the hooks on one model and the records of the current step.
 
     Only layers with a parameter among ``params`` (default: all) are hooked; a layer records only while
-    its id is in :attr:`wanted` (the optimizer's statistics schedule), in training mode with grad enabled,
+    its id is in :attr:`wanted` (the optimizer's statistics schedule), with grad enabled (in either mode),
     and while one of its parameters requires grad (frozen layers keep no inputs alive).
     """
 
@@ -245,7 +245,9 @@ class Capture:
         return id(module) in self._seen or any(id(m) in self._seen for m in sharers)
 
     def _forward(self, module: nn.Module, inputs: tuple, output) -> None:
-        if not (module.training and torch.is_grad_enabled()) or not self._active():
+        # any mode: a model trained in eval mode (or a frozen BatchNorm) has per-sample data too; an eval
+        # pass that no backward into .grad follows holds no valid pass and is dropped (see _alive)
+        if not torch.is_grad_enabled() or not self._active():
             return
         self._seen.add(id(module))
         if id(module) not in self.wanted:

@@ -9,7 +9,8 @@ backward passes that ``.grad`` holds. With ``s = N`` (the record's samples) for 
 * ``nn.Conv1d/2d/3d`` weight: ``s * sum_l delta_{n,:,l} u_{n,:,l}^T`` over the receptive fields ``u``;
   bias ``s * sum_l delta_{n,:,l}``;
 * norm layers' scale: ``s * sum_positions delta_n * xhat_n`` with ``xhat`` the normalised input
-  (recomputed from ``x``; BatchNorm with the batch's statistics, as in training), shift
+  (recomputed from ``x``; BatchNorm with the batch's statistics in training mode, with its running ones in
+  eval mode: the mode at ``step()``), shift
   ``s * sum_positions delta_n``; samples are dim 0 here.
 
 Several records are pooled as samples of one batch, each with its own ``s`` (gradient accumulation). Where
@@ -134,8 +135,11 @@ def norm_statistics(p, module, records: Records, reduction: str) -> torch.Tensor
                 xf = xs.to(dtype)
                 if isinstance(module, nn.GroupNorm):
                     xhat = tnf.group_norm(xf, module.num_groups, eps=module.eps)
-                else:
+                elif module.training or module.running_mean is None:
                     xhat = tnf.batch_norm(xf, None, None, training=True, eps=module.eps)
+                else:  # eval mode (frozen BatchNorm): its running statistics normalise
+                    xhat = tnf.batch_norm(xf, module.running_mean.to(dtype), module.running_var.to(dtype),
+                                          training=False, eps=module.eps)
                 per_sample = per_sample * xhat
             per_sample = per_sample.reshape(xs.shape[0], xs.shape[1], -1).sum(dim=2)
         per_sample = per_sample * sample_scale(per_sample.shape[0], reduction)

@@ -285,6 +285,22 @@ def test_weight_shared_by_two_linear_layers_pools_both_uses():
     torch.testing.assert_close(fs[0], fs[1])
 
 
+@pytest.mark.parametrize("frozen", ["batchnorm", "whole model"])
+def test_training_in_eval_mode_keeps_per_sample_statistics(frozen):
+    # frozen BatchNorm (its running statistics normalise) during training, or a model trained in eval mode
+    # (no dropout): the statistics are still per-sample, not the batch gradient's g g^T
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    model[1].running_mean.normal_()
+    model[1].running_var.uniform_(0.5, 2.0)
+    (model[1] if frozen == "batchnorm" else model).eval()
+    opt = first_stats(model)
+    x, y = torch.randn(6, 3, dtype=DT), torch.randn(6, 2, dtype=DT)
+    mse(model(x), y).backward()
+    opt.step()
+    assert_fisher(opt, model, fisher(opt, model, [(mse, x, y)]))
+
+
 def test_norm_layers_on_sequences_sum_the_positions_of_each_sample():
     torch.manual_seed(15)
     model = Tagger().to(DT)

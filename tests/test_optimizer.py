@@ -203,12 +203,17 @@ def test_stat_every_updates_statistics_on_schedule_and_captures_only_then():
 
 
 def test_no_capture_in_eval_or_no_grad():
+    # an eval pass (grad enabled) with no backward keeps nothing that a step would read: no output gradient,
+    # and its graph is gone (the layer's next forward drops it); no_grad passes record nothing
     model = small_cnn()
     opt = MBF(model, backend="torch")
     x, _ = data()
     model.eval()
     model(x)
     model.train()
+    records = [r for rs in opt._capture.records.values() for r in rs]
+    assert all(not r.parts and r.graph() is None for r in records)
+    opt._capture.records.clear()
     with torch.no_grad():
         model(x)
     assert not opt._capture.records
