@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
-from .blocks import CONV_TYPES, LINEAR_TYPES
+from .blocks import CONV_TYPES, LINEAR_TYPES, is_weight, own
 from .distributed import is_dtensor
 from .reference import ConvGeometry
 
@@ -187,7 +187,7 @@ class Capture:
         for module in model.modules():
             if not isinstance(module, HOOKED_TYPES):
                 continue
-            mine = [p for p in (getattr(module, "weight", None), getattr(module, "bias", None))
+            mine = [p for p in (own(module, "weight"), own(module, "bias"))
                     if isinstance(p, torch.Tensor) and (wanted is None or id(p) in wanted)
                     and _poolable(p, owners.get(id(p), [module]))]
             if not mine:
@@ -368,7 +368,7 @@ def _poolable(p: torch.Tensor, modules: list[nn.Module]) -> bool:
     for m in modules:
         if type(m) is not type(first) or not isinstance(m, LINEAR_TYPES + CONV_TYPES):
             return len(modules) == 1
-        if (p is m.weight) != (p is first.weight):
+        if is_weight(p, m) != is_weight(p, first):
             return False
         if isinstance(m, CONV_TYPES) and (ConvGeometry.of(m), m.groups) != (ConvGeometry.of(first), first.groups):
             return False

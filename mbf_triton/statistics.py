@@ -27,7 +27,7 @@ import torch.nn.functional as tnf
 from torch import nn
 
 from . import reference as ref
-from .blocks import CONV_TYPES, Layout
+from .blocks import CONV_TYPES, Layout, is_weight
 from .capture import NORM_TYPES, TRAILING_NORM_TYPES
 
 Records = list[tuple[torch.Tensor, torch.Tensor]]
@@ -80,7 +80,7 @@ def linear_statistics(backend, p, module, layout, f, decay, records: Records, sk
     xs = [x.reshape(-1, module.in_features) for x, _ in records]
     gs = [g.reshape(-1, module.out_features) for _, g in records]
     x, gout, scale = _pool(xs, gs, reduction)
-    if p is module.weight:
+    if is_weight(p, module):
         backend.linear_fisher_ema_(f, x, gout, b=layout.b, scale=scale, decay=decay, skip=skip)
         return None
     return gout.float().square().mean(dim=0).mul_(scale * scale)[:, None]  # bias: per-sample scale * gout[m]
@@ -95,7 +95,7 @@ def conv_statistics(backend, p, module, layout, f, decay, records: Records, skip
         return sum(x.shape[0] * _conv_fhat(p, module, x, g, sample_scale(x.shape[0], reduction))
                    for x, g in zip(xs, gs)) / n_total
     x, gout, scale = _pool(xs, gs, reduction)
-    if p is module.weight:
+    if is_weight(p, module):
         backend.conv_fisher_ema_(f, x, gout, geometry=ref.ConvGeometry.of(module), groups=module.groups,
                                  scale=scale, decay=decay, skip=skip)
         return None
@@ -104,7 +104,7 @@ def conv_statistics(backend, p, module, layout, f, decay, records: Records, skip
 
 def _conv_fhat(p, module, x, gout, scale: float) -> torch.Tensor:
     """Reference batch Fisher of a conv weight or bias (rare paths: bias, mixed spatial sizes)."""
-    if p is module.weight:
+    if is_weight(p, module):
         return ref.conv_fisher(ref.ConvGeometry.of(module).patches(x), gout, module.groups, scale)
     per_sample = gout.float().flatten(2).sum(dim=2).mul_(scale)  # (N, C_out)
     return per_sample.square().mean(dim=0)[:, None]
@@ -121,7 +121,7 @@ def norm_statistics(p, module, records: Records, reduction: str) -> torch.Tensor
             if x.dim() == len(shape):  # one unbatched sample
                 x, g = x[None], g[None]
             per_sample = g.to(dtype)
-            if p is module.weight:
+            if is_weight(p, module):
                 if isinstance(module, nn.LayerNorm):
                     xhat = tnf.layer_norm(x.to(dtype), shape, eps=module.eps)
                 else:
@@ -131,7 +131,7 @@ def norm_statistics(p, module, records: Records, reduction: str) -> torch.Tensor
         else:  # channels in dim 1 (GroupNorm, BatchNorm; BatchNorm normalises with the batch's statistics)
             xs, gs = (x, g) if x.dim() > 1 else (x[None], g[None])
             per_sample = gs.to(dtype)
-            if p is module.weight:
+            if is_weight(p, module):
                 xf = xs.to(dtype)
                 if isinstance(module, nn.GroupNorm):
                     xhat = tnf.group_norm(xf, module.num_groups, eps=module.eps)

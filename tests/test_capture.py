@@ -301,6 +301,28 @@ def test_training_in_eval_mode_keeps_per_sample_statistics(frozen):
     assert_fisher(opt, model, fisher(opt, model, [(mse, x, y)]))
 
 
+def test_spectral_norm_parametrization_is_not_recomputed_by_the_optimizer():
+    # reading a parametrized module's .weight runs the parametrization (spectral norm: a power iteration
+    # that updates its u, v buffers): MBF reads only registered parameters, so SN-GAN trains as with Adam
+    torch.manual_seed(12)
+    sn = torch.nn.utils.parametrizations.spectral_norm
+    model = nn.Sequential(sn(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 1)).to(DT)
+
+    def buffers():
+        return [b.clone() for b in model.buffers()]
+
+    before = buffers()
+    opt = MBF(model, stat_every=1, backend="torch")
+    assert all(torch.equal(a, b) for a, b in zip(before, buffers()))
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(5, 3, dtype=DT)).mean().backward()
+        before = buffers()
+        opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(before, buffers()))
+    assert opt.state[model[0].bias]["stat_steps"] == 2  # the layer's bias keeps its per-sample statistics
+
+
 def test_norm_layers_on_sequences_sum_the_positions_of_each_sample():
     torch.manual_seed(15)
     model = Tagger().to(DT)
