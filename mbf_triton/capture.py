@@ -22,6 +22,7 @@ that was copied or unpickled with a model but without its optimizer, records not
 
 from __future__ import annotations
 
+import sys
 import weakref
 from dataclasses import dataclass, field
 
@@ -133,7 +134,7 @@ class Capture:
     def __init__(self, model: nn.Module, params: list[torch.Tensor] | None = None) -> None:
         self.wanted: set[int] = set()
         self.records: dict[nn.Module, list[Record]] = {}
-        self._model = weakref.ref(model)
+        self._model = weakref.ref(_unwrap(model))
         self._owner: weakref.ref | None = None
         # id(parameter) -> (parameter, module); the parameter is kept so that its id cannot be reused
         self._module_of: dict[int, tuple[torch.Tensor, nn.Module]] = {}
@@ -356,6 +357,15 @@ class Capture:
         self._layers.clear()
         self.records.clear()
         self._owner = None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper compiles (its hooks are that module's): a capture that held the
+    wrapper would make ``copy.deepcopy`` of the wrapped model rebuild the wrapper around a half-copied module."""
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    while dynamo is not None and isinstance(model, dynamo.OptimizedModule):
+        model = model._orig_mod
+    return model
 
 
 def _poolable(p: torch.Tensor, modules: list[nn.Module]) -> bool:

@@ -429,6 +429,21 @@ def test_deepcopy_of_model_and_optimizer_trains_the_copy():
     assert opt2.steps == opt.steps == 6
 
 
+def test_optimizer_on_a_compiled_model_and_copies_of_it():
+    # MBF(torch.compile(model)): an EMA copy of either module (copy.deepcopy) must work, and the statistics
+    # are those of the plain model (the hooks sit on the modules that the compiled one wraps)
+    torch.manual_seed(13)
+    model = mlp(4, 5, 3)
+    compiled = torch.compile(model, backend="eager")
+    opt = first_stats(compiled)
+    copy.deepcopy(model), copy.deepcopy(compiled)
+    assert opt.layout(model[0].weight).kind == "linear"
+    x, y = torch.randn(6, 4, dtype=DT), torch.randn(6, 3, dtype=DT)
+    mse(model(x), y).backward()  # (the hooks are the same whichever module runs the forward)
+    opt.step()
+    assert_fisher(opt, model, fisher(opt, model, [(mse, x, y)]))
+
+
 def test_deepcopy_and_pickle_of_the_optimizer_and_the_hooked_model():
     torch.manual_seed(12)
     model = mlp(4, 5, 3)
