@@ -1,7 +1,7 @@
 """mbf_triton: the mini-block Fisher (MBF) optimizer for PyTorch, with Triton kernels.
 
 >>> from mbf_triton import MBF
->>> opt = MBF(model, lr=0.1, damping=1e-3)
+>>> opt = MBF(model, lr=1e-3)  # your Adam learning rate (the default grafts Adam's step length)
 """
 
 from ._version import __version__

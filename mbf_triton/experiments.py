@@ -232,6 +232,10 @@ def make_optimizer(name: str, model: nn.Module, lr: float, **kw) -> torch.optim.
 @dataclass
 class History:
     train_loss: list[float] = field(default_factory=list)  # full-train-set loss after each epoch
+    # full-train-set loss at ``evals_per_epoch`` evenly spaced steps of each epoch (the last at the epoch's end,
+    # the same number as ``train_loss``), and when, in epochs (steps done / steps per epoch)
+    fine_loss: list[float] = field(default_factory=list)
+    fine_epoch: list[float] = field(default_factory=list)
     wall_time: list[float] = field(default_factory=list)  # seconds of training (no evaluation) so far
     val_loss: float = math.nan
     test_metric: float = math.nan
@@ -242,6 +246,11 @@ class History:
     def epochs_to(self, target: float) -> float:
         """First epoch (1-based) whose training loss is <= target, or inf."""
         return next((i + 1 for i, v in enumerate(self.train_loss) if v <= target), math.inf)
+
+
+def _sync(device: torch.device | str) -> None:
+    if device != "cpu" and torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 @torch.no_grad()
@@ -269,9 +278,14 @@ def train(
     device: torch.device | str = "cpu",
     on_epoch: Callable[[int, float], None] | None = None,
     make: Callable[..., torch.optim.Optimizer] | None = None,
+    evals_per_epoch: int = 1,
     **opt_kw,
 ) -> History:
     """Train one model from a seeded initialisation; shuffles with the same seed for every optimizer.
+
+    The training loss is evaluated on the whole training set (eval mode, no gradient: the optimizer sees
+    nothing of it) ``evals_per_epoch`` times per epoch, at evenly spaced steps, the last at the epoch's end;
+    evaluation is not counted in the wall time.
 
     ``make(model, lr, **opt_kw)`` builds an optimizer other than :func:`make_optimizer`'s (``opt_name`` is
     then only a label); one with a ``forward_backward(model, loss_fn, x)`` method (a gradient maker
@@ -286,12 +300,15 @@ def train(
     hist = History()
     elapsed = 0.0
     n = len(data.x_train)
+    starts = range(0, n - batch_size + 1, batch_size)
+    if isinstance(evals_per_epoch, bool) or not isinstance(evals_per_epoch, int) or evals_per_epoch < 1:
+        raise ValueError(f"evals_per_epoch={evals_per_epoch!r} must be an integer >= 1")
+    marks = {round(len(starts) * k / evals_per_epoch) for k in range(1, evals_per_epoch + 1)} - {0}
     for epoch in range(epochs):
         perm = torch.randperm(n, generator=gen).to(device)
-        if device != "cpu" and torch.cuda.is_available():
-            torch.cuda.synchronize()
+        _sync(device)
         t0 = time.perf_counter()
-        for i in range(0, n - batch_size + 1, batch_size):
+        for step, i in enumerate(starts, 1):
             idx = perm[i : i + batch_size]
             xb, yb = data.x_train[idx], data.y_train[idx]
             opt.zero_grad(set_to_none=True)
@@ -300,11 +317,14 @@ def train(
             else:
                 task.loss(model(xb), xb, yb).backward()
             opt.step()
-        if device != "cpu" and torch.cuda.is_available():
-            torch.cuda.synchronize()
-        elapsed += time.perf_counter() - t0
-        train_loss, _ = _evaluate(task, model, data.x_train, data.y_train)
-        hist.train_loss.append(train_loss)
+            if step in marks:
+                _sync(device)
+                elapsed += time.perf_counter() - t0
+                train_loss, _ = _evaluate(task, model, data.x_train, data.y_train)
+                hist.fine_loss.append(train_loss)
+                hist.fine_epoch.append(epoch + step / len(starts))
+                t0 = time.perf_counter()
+        hist.train_loss.append(train_loss)  # the last mark is the epoch's last step
         hist.wall_time.append(elapsed)
         if on_epoch is not None:
             on_epoch(epoch, train_loss)

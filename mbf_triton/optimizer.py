@@ -94,7 +94,9 @@ class MBF(Optimizer):
             mesh's, or the default group of an initialised torch.distributed), or ``None`` (no communication).
         shard_curvature: under DDP, each rank keeps and updates the curvature and momentum of 1/world of
             the mini-blocks, and the parameters are all-gathered (ZeRO-style); FSDP2 always shards them.
-        graft, graft_scope, kl_clip, stat_warmup: step-size options (:mod:`mbf_triton.stepsize`); None: the paper's.
+        graft, graft_scope, kl_clip, stat_warmup: step-size options (:mod:`mbf_triton.stepsize`). The default,
+            ``graft="adam", graft_scope="block"``, gives each mini-block's MBF direction the length of Adam's
+            step on its entries, so ``lr`` is Adam's learning rate; ``graft=None`` is the paper's step.
     """
 
     def __init__(
@@ -110,8 +112,8 @@ class MBF(Optimizer):
         block_size: int = 16,
         stat_every: int = 10,
         loss_reduction: str = "mean", backend: str = "auto", process_group: Any = "auto",
-        shard_curvature: bool = False, graft: str | None = None, kl_clip: float | None = None, stat_warmup: int = 0,
-        graft_scope: str = "parameter",
+        shard_curvature: bool = False, graft: str | None = "adam", kl_clip: float | None = None, stat_warmup: int = 0,
+        graft_scope: str = "block",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -17,8 +17,9 @@ The options here make ``lr`` mean what it means for a first-order method:
   MBF keeps only the direction. (``t`` is per parameter, on the device: skipped steps do not count, a
   cleared state starts again at 1.)
 - ``graft="sgd"``: ``s_p = ||g|| / ||d||``: ``lr`` is torch SGD-with-momentum's learning rate.
-- ``graft_scope``: over which entries the norms above are taken. ``"parameter"`` (the default): one scale
-  per parameter. ``"block"``: one scale per mini-block, ``s_i = ||a_i|| / ||d_i||`` with ``a_i`` the
+- ``graft_scope``: over which entries the norms above are taken. ``"parameter"``: one scale per
+  parameter. ``"block"`` (the default, with ``graft="adam"``: the training study's pick, README
+  "Training quality"): one scale per mini-block, ``s_i = ||a_i|| / ||d_i||`` with ``a_i`` the
   grafted step (Adam's or SGD's) restricted to block ``i``'s entries, as distributed Shampoo grafts per
   block of its blocking. On 1x1 (``diag``) blocks that is Adam's (or SGD's) step exactly; inside a larger
   block the direction is MBF's. A mini-block lies whole on one rank (rows of ``F`` are blocks), so these
@@ -70,10 +71,10 @@ FP32_STATE = ("graft_sq", "graft_steps")  # state kept in fp32 whatever the para
 class StepSize:
     """The step-size options of one optimizer (validated here, used by :class:`mbf_triton.MBF`)."""
 
-    graft: str | None = None
+    graft: str | None = "adam"
     kl_clip: float | None = None
     stat_warmup: int = 0
-    graft_scope: str = "parameter"
+    graft_scope: str = "block"
 
     def __post_init__(self) -> None:
         if self.graft not in GRAFTS:

@@ -22,6 +22,8 @@ MBF_VARIANTS = {
     "mbf-graft": {"graft": "adam"},  # lr is Adam's (the recommended setting; not the default yet)
     "mbf-graft-kl": {"graft": "adam", "kl_clip": 1e-3},
     "mbf-graft-w": {"graft": "adam", "stat_warmup": 10},
+    "mbf-graft-block": {"graft": "adam", "graft_scope": "block"},  # per-mini-block grafting
+    "mbf-graft-block-w": {"graft": "adam", "graft_scope": "block", "stat_warmup": 10},
 }
 
 

@@ -26,8 +26,26 @@ def _mean_curve(runs: list[dict], key: str = "curve") -> list[float]:
     return [statistics.fmean(r[key][i] for r in runs) for i in range(n)]
 
 
-def _epochs_to(curve: list[float], target: float) -> float:
-    return next((i + 1 for i, v in enumerate(curve) if v <= target * (1 + 1e-9)), math.inf)
+def _mean_points(runs: list[dict]) -> tuple[list[tuple[float, float]], bool]:
+    """The mean training-loss curve over ``runs`` as (epoch, loss) points, and whether it is sub-epoch
+    (every run has sub-epoch points; else the epoch ends of all)."""
+    fine = all(r["fine"] for r in runs)
+    pts = [r["points"] if fine else [(i + 1.0, v) for i, v in enumerate(r["curve"])] for r in runs]
+    n = min(len(p) for p in pts)
+    return [(pts[0][i][0], statistics.fmean(p[i][1] for p in pts)) for i in range(n)], fine
+
+
+def _epochs_to(points: list[tuple[float, float]], target: float) -> float:
+    """The first evaluation point (in epochs) whose loss is <= target (no interpolation), or inf."""
+    return next((e for e, v in points if v <= target * (1 + 1e-9)), math.inf)
+
+
+def _final(runs: list[dict]) -> float:
+    return statistics.fmean(r["curve"][-1] for r in runs)
+
+
+def _epochs_cell(e: float, ratio: float, fine: bool) -> str:
+    return (f"{e:.1f}" if math.isfinite(e) else "never") + ("" if fine else "*") + f" ({ratio:.2f})"
 
 
 def _score(r: dict) -> float:
@@ -35,7 +53,7 @@ def _score(r: dict) -> float:
 
 
 def write_report(rows: list[dict], tasks: list[str], opts: list[str], epochs: dict, grids: dict, seeds: int,
-                 out: str, smoke: bool = False) -> None:
+                 out: str, smoke: bool = False, default_lr: float = 1e-3) -> None:
     from mbf_triton.experiments import TASK_SPECS
 
     env = rows[0] if rows else {}
@@ -46,7 +64,10 @@ def write_report(rows: list[dict], tasks: list[str], opts: list[str], epochs: di
           "skipped)." + (" **SMOKE RUN: tiny settings, not results.**" if smoke else ""), "",
           "Selection: lowest final validation loss of each optimizer's 5-point lr grid (seed 0); the selected "
           "point rerun with more seeds. `div`: training loss non-finite or > 1e3; `err`: the optimizer raised. "
-          "mean ± standard deviation over the seeds that ran.", ""]
+          "mean ± standard deviation over the seeds that ran. Training loss: the whole training set's loss, "
+          "evaluated 5 times per epoch at evenly spaced steps; \"epochs to target\" is the first evaluation "
+          "point at or below the target (no interpolation); `*`: a run from before sub-epoch curves, "
+          "resolution one epoch.", ""]
     missing, verdict1, verdict2 = [], [], []
     for task in tasks:
         ep = epochs[task]
@@ -79,16 +100,16 @@ def write_report(rows: list[dict], tasks: list[str], opts: list[str], epochs: di
             md += ["", "Errors: " + "; ".join(f"{r['optimizer']} lr={r['lr']:g} seed {r['seed']}: {r['error']}"
                                                for r in errors)]
         adam = selected.get(ADAM)
-        target = _mean_curve(adam)[-1] if adam else math.nan
-        e_adam = _epochs_to(_mean_curve(adam), target) if adam else math.nan
+        target = _final(adam) if adam else math.nan
+        e_adam = _epochs_to(_mean_points(adam)[0], target) if adam else math.nan
         md += ["", f"Selected points (Adam's final mean training loss, the target: {target:.4f})", "",
                "| optimizer | lr | seeds | final train loss | val loss | test metric | s/run | epochs to target "
                "(x Adam's) | rank val | rank epochs |", "|---|---|---|---|---|---|---|---|---|---|"]
         stats = {}
         for o, runs in selected.items():
-            curve = _mean_curve(runs)
-            e = _epochs_to(curve, target) if adam else math.inf
-            stats[o] = (statistics.fmean(r["val_loss"] for r in runs), e)
+            points, fine = _mean_points(runs)
+            e = _epochs_to(points, target) if adam else math.inf
+            stats[o] = (statistics.fmean(r["val_loss"] for r in runs), e, fine)
         rank_val = {o: i + 1 for i, o in enumerate(sorted(stats, key=lambda o: stats[o][0]))}
         rank_ep = {o: i + 1 for i, o in enumerate(sorted(stats, key=lambda o: (stats[o][1], stats[o][0])))}
         for o, runs in selected.items():
@@ -97,15 +118,20 @@ def write_report(rows: list[dict], tasks: list[str], opts: list[str], epochs: di
             md.append(f"| {o} | {runs[0]['lr']:g} | {len(runs)} | {_fmt([r['curve'][-1] for r in runs])} | "
                       f"{_fmt([r['val_loss'] for r in runs])} | {_fmt([r['test_metric'] for r in runs])} | "
                       f"{statistics.fmean(r['seconds'] for r in runs):.1f} | "
-                      f"{e if math.isfinite(e) else 'never'} ({ratio:.2f}) | {rank_val[o]} | {rank_ep[o]} |")
+                      f"{_epochs_cell(e, ratio, stats[o][2])} | {rank_val[o]} | {rank_ep[o]} |")
+        if adam:
+            lines, verdicts = _defaults(task, mine, opts, grids, adam[0]["lr"], default_lr, spec.higher_is_better)
+            md += lines
+            verdict1 += verdicts
         md += ["", f"![{task}]({task}.png)", ""]
         if selected:
             _plot(task, selected, os.path.join(out, f"{task}.png"))
-        verdict1.append(_done_when_1(task, mine, selected, grids, spec.higher_is_better))
         verdict2.append((task, {o: (stats[o][1] / e_adam if adam and math.isfinite(stats[o][1]) else math.inf)
                                 for o in stats if o.startswith("mbf")}, stats))
-    md += ["## Done when", "", "1. `MBF(model, lr=<Adam's lr>, graft='adam')`, every other argument at its default "
-           "(`mbf-graft`):", ""] + [f"   - {v}" for v in verdict1]
+    md += ["## Done when", "", "1. `MBF(model, lr=<Adam's lr>, **candidate)`, every other argument at its default, "
+           "against Adam at the same lr: no divergence where Adam trained on its grid (seed 0), final training "
+           "loss <= Adam's (means), test metric within one sd of Adam's or better:", ""]
+    md += [f"   - {v}" for v in sorted(verdict1)]
     met = []
     md += ["", "2. Tuned MBF (the MBF variant with the lowest validation loss) reaches Adam's final mean training "
            "loss in at most 0.7x Adam's epochs:", ""]
@@ -116,8 +142,9 @@ def write_report(rows: list[dict], tasks: list[str], opts: list[str], epochs: di
         best = min(ratios, key=lambda o: stats[o][0])
         ok = ratios[best] <= 0.7
         met += [task] if ok else []
-        md.append(f"   - {task}: {best}, ratio {ratios[best]:.2f} ({'met' if ok else 'not met'}); every variant: "
-                  + ", ".join(f"{o} {r:.2f}" for o, r in ratios.items()))
+        md.append(f"   - {task}: {best}, ratio {ratios[best]:.2f}{'' if stats[best][2] else '*'} "
+                  f"({'met' if ok else 'not met'}); every variant: "
+                  + ", ".join(f"{o} {r:.2f}{'' if stats[o][2] else '*'}" for o, r in ratios.items()))
     md += ["", f"   Tasks met: {len(met)} of {len(verdict2)} ({', '.join(met) or 'none'}); target: at least 3.", ""]
     md += ["## Not run", ""] + ([f"- {m}" for m in missing] or ["- nothing: every planned run is in the CSV"])
     with open(os.path.join(out, "summary.md"), "w") as fh:
@@ -125,26 +152,58 @@ def write_report(rows: list[dict], tasks: list[str], opts: list[str], epochs: di
     print(f"wrote {out}/summary.md ({len(rows)} runs in the CSV, {len(missing)} planned items missing)")
 
 
-def _done_when_1(task: str, mine: list[dict], selected: dict, grids: dict, higher: bool) -> str:
-    if ADAM not in selected or "mbf-graft" not in selected:
-        return f"{task}: not evaluated (Adam's or mbf-graft's runs missing)"
-    by = {(r["optimizer"], r["lr"]): r for r in mine if r["seed"] == 0}
-    shared = [lr for lr in grids[ADAM] if (ADAM, lr) in by and ("mbf-graft", lr) in by]
-    tolerated = [lr for lr in shared if by[(ADAM, lr)]["status"] == "ok"]
-    bad = [lr for lr in tolerated if by[("mbf-graft", lr)]["status"] != "ok"]
-    a, m = selected[ADAM], selected["mbf-graft"]
-    fa, fm = statistics.fmean(r["curve"][-1] for r in a), statistics.fmean(r["curve"][-1] for r in m)
-    ta, sa = _mean_sd([r["test_metric"] for r in a])
-    tm = statistics.fmean(r["test_metric"] for r in m)
-    better = tm >= ta if higher else tm <= ta
-    within = better or (not math.isnan(sa) and abs(tm - ta) <= sa)
-    lr_a = a[0]["lr"]
-    at_adam = by.get(("mbf-graft", lr_a))
-    at = (f"; at Adam's selected lr {lr_a:g} (seed 0) final train loss {at_adam['curve'][-1]:.4f} vs Adam's "
-          f"{by[(ADAM, lr_a)]['curve'][-1]:.4f}" if at_adam and at_adam["curve"] else "")
-    return (f"{task}: divergence where Adam trained: {bad or 'none'} ({len(tolerated)} lrs); final train loss "
-            f"{fm:.4f} vs Adam {fa:.4f} ({'met' if fm <= fa else 'not met'}); test metric {tm:.4f} vs Adam "
-            f"{ta:.4f} ± {sa:.4f} ({'met' if within else 'not met'}){at}")
+def _defaults(task: str, mine: list[dict], opts: list[str], grids: dict, lr_adam: float, lr_default: float,
+              higher: bool) -> tuple[list[str], list[str]]:
+    """The table of the MBF variants at Adam's selected lr and at Adam's default lr beside Adam's runs at the
+    same lr, and one verdict line per (variant, lr) on the issue's first condition."""
+    by_seed0 = {(r["optimizer"], r["lr"]): r for r in mine if r["seed"] == 0}
+    tolerated = [lr for lr in grids[ADAM] if (ADAM, lr) in by_seed0 and by_seed0[(ADAM, lr)]["status"] == "ok"]
+    lines = ["", f"MBF at Adam's lr (selected {lr_adam:g}; default {lr_default:g}), every other argument at its "
+             "default, beside Adam at the same lr", "",
+             "| optimizer | lr | seeds | final train loss | val loss | test metric | epochs to Adam's final loss "
+             "(x Adam's) | div. on Adam's grid | train <= Adam | metric within 1 sd |", "|---|" + "---|" * 9]
+    verdicts = []
+    for lr in dict.fromkeys((lr_adam, lr_default)):
+        adam = sorted((r for r in mine if r["optimizer"] == ADAM and r["lr"] == lr and r["status"] == "ok"),
+                      key=lambda r: r["seed"])
+        if not adam:
+            continue
+        target = _final(adam)
+        a_points, a_fine = _mean_points(adam)
+        e_adam = _epochs_to(a_points, target)
+        ta, sa = _mean_sd([r["test_metric"] for r in adam])
+        lines.append(f"| adam | {lr:g} | {len(adam)} | {_fmt([r['curve'][-1] for r in adam])} | "
+                     f"{_fmt([r['val_loss'] for r in adam])} | {_fmt([r['test_metric'] for r in adam])} | "
+                     f"{_epochs_cell(e_adam, 1.0, a_fine)} | | | |")
+        for o in opts:
+            runs = sorted((r for r in mine if r["optimizer"] == o and r["lr"] == lr), key=lambda r: r["seed"])
+            if not o.startswith("mbf") or not runs:
+                continue
+            ok = [r for r in runs if r["status"] == "ok"]
+            grid = [by_seed0.get((o, g)) for g in tolerated]
+            div = [f"{g:g}" for g, r in zip(tolerated, grid) if r is not None and r["status"] != "ok"]
+            ran = sum(r is not None for r in grid)
+            div_cell = (", ".join(div) or "none") + (f" ({ran} of {len(tolerated)} run)"
+                                                     if ran < len(tolerated) else "")
+            if len(ok) < len(runs):
+                lines.append(f"| {o} | {lr:g} | {len(runs)} | {len(runs) - len(ok)} diverged/failed | | | | "
+                             f"{div_cell} | no | no |")
+                verdicts.append(f"{o} @ {lr:g}, {task}: diverged or failed at this lr (not met)")
+                continue
+            fm = _final(ok)
+            tm = statistics.fmean(r["test_metric"] for r in ok)
+            within = (tm >= ta if higher else tm <= ta) or (not math.isnan(sa) and abs(tm - ta) <= sa)
+            points, fine = _mean_points(ok)
+            e = _epochs_to(points, target)
+            lines.append(f"| {o} | {lr:g} | {len(ok)} | {_fmt([r['curve'][-1] for r in ok])} | "
+                         f"{_fmt([r['val_loss'] for r in ok])} | {_fmt([r['test_metric'] for r in ok])} | "
+                         f"{_epochs_cell(e, e / e_adam, fine and a_fine)} | {div_cell} | "
+                         f"{'yes' if fm <= target else 'no'} | {'yes' if within else 'no'} |")
+            verdicts.append(f"{o} @ {lr:g}, {task} ({len(ok)} seeds): divergence where Adam trained: "
+                            f"{div_cell}; final train loss {fm:.4f} vs Adam {target:.4f} "
+                            f"({'met' if fm <= target else 'not met'}); test metric {tm:.4f} vs Adam {ta:.4f} ± "
+                            f"{sa:.4f} ({'met' if within else 'not met'})")
+    return lines, verdicts
 
 
 def _plot(task: str, selected: dict, path: str) -> None:
@@ -156,11 +215,13 @@ def _plot(task: str, selected: dict, path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, (o, runs) in enumerate(selected.items()):
         curve, times = _mean_curve(runs), _mean_curve(runs, "times")
+        points, fine = _mean_points(runs)
         style = "-" if o.startswith("mbf") else "--"
-        label = f"{o} (lr {runs[0]['lr']:g}, {len(runs)} seeds)"
-        axes[0].plot(range(1, len(curve) + 1), curve, style, color=f"C{i % 10}", label=label)
-        axes[1].plot(times, curve, style, color=f"C{i % 10}", label=o)
-    axes[0].set(xlabel="epoch", ylabel="training loss (mean over seeds)", yscale="log", title=task)
+        label = f"{o} (lr {runs[0]['lr']:g}, {len(runs)} seeds{'' if fine else ', per epoch'})"
+        axes[0].plot([e for e, _ in points], [v for _, v in points], style, color=f"C{i % 10}", label=label)
+        axes[1].plot(times, curve[:len(times)], style, color=f"C{i % 10}", label=o)
+    axes[0].set(xlabel="epoch (5 evaluations per epoch)", ylabel="training loss (mean over seeds)", yscale="log",
+                title=task)
     axes[1].set(xlabel="training time (s, one CPU thread, log)", ylabel="training loss", xscale="log", yscale="log",
                 title=f"{task}: per second")
     for ax in axes:

@@ -470,7 +470,8 @@ def _amp_run(use_scaler: bool, inf_at: int | None = None, clip: float | None = N
     norm, the recipe of torch's AMP docs (the reference clips its own gradients the same way)."""
     torch.manual_seed(13)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.LayerNorm(6), nn.Linear(6, 3))
-    opt = MBF(model, lr=0.05, damping=1e-2, stat_every=2, backend="torch")
+    # the paper's step (graft=None): its length follows the clipped gradient (Adam grafting is scale-free)
+    opt = MBF(model, lr=0.05, damping=1e-2, stat_every=2, backend="torch", graft=None)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=use_scaler)
     gen = torch.Generator().manual_seed(0)
     for step in range(steps):

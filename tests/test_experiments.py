@@ -37,6 +37,21 @@ def test_train_runs_and_records(task, opt):
     assert hist.test_metric == hist.test_metric  # not NaN
 
 
+def test_sub_epoch_evaluations_leave_training_unchanged():
+    """``evals_per_epoch=5``: five whole-training-set losses per epoch at evenly spaced steps (the last is
+    the epoch's ``train_loss``); evaluating (eval mode, no gradient) changes nothing MBF captures or steps."""
+    data = load_digits()
+    kw = dict(epochs=2, batch_size=200, data=data, backend="torch", stat_every=2, graft="adam")
+    coarse = train("cnn", "mbf", 1e-3, **kw)
+    fine = train("cnn", "mbf", 1e-3, evals_per_epoch=5, **kw)  # 5 steps per epoch (1078 // 200)
+    assert fine.fine_epoch == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0])
+    assert fine.fine_loss[4::5] == fine.train_loss == coarse.train_loss
+    assert fine.val_loss == coarse.val_loss and len(set(fine.fine_loss)) == 10
+    assert coarse.fine_epoch == [1.0, 2.0] and coarse.fine_loss == coarse.train_loss
+    with pytest.raises(ValueError, match="evals_per_epoch"):
+        train("cnn", "adam", 1e-3, evals_per_epoch=0, **{**kw, "epochs": 1})
+
+
 @pytest.mark.parametrize("task, n, out_shape", [
     ("resnet", 1797, (4, 10)), ("charlm", 60_000 // 32, (4, 32, 96)), ("tabular", 569, (4, 2)),
 ])
@@ -92,7 +107,14 @@ def test_quality_study_smoke_resumes_and_reports(tmp_path):
     assert rows[: len(swept)] == swept  # the sweep was not run again
     assert {r["optimizer"] for r in rows} == {"mbf", "mbf-graft", "adam", "sgd"}
     assert {r["seed"] for r in rows} == {"0", "1"} and all(r["status"] == "ok" for r in rows)
+    assert all(len(r["fine_loss"].split(";")) == 5 for r in rows)  # 5 sub-epoch points in the 1 epoch
+    proc = subprocess.run(cmd + ["--stage", "defaults", "--optimizers", "mbf-graft"], capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "runs.csv")))
+    for opt in ("adam", "mbf-graft"):  # Adam's default lr (1e-3 is on the smoke grid) with both seeds
+        assert {r["seed"] for r in rows if r["optimizer"] == opt and float(r["lr"]) == 1e-3} == {"0", "1"}
     summary = (tmp_path / "summary.md").read_text()
-    assert "SMOKE RUN" in summary and "## Done when" in summary
+    assert "SMOKE RUN" in summary and "## Done when" in summary and "MBF at Adam's lr" in summary
     for task in ("autoencoder", "tabular"):
         assert (tmp_path / f"{task}.png").stat().st_size > 1000

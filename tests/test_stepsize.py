@@ -50,23 +50,23 @@ BASE = dict(lr=0.01, momentum=0.0, damping=1e-2, block_size=4, stat_every=1, bac
 PLAIN = dict(BASE, graft=None)  # the paper's method
 
 
-def test_default_is_the_paper_method_and_grafting_is_an_option():
-    m1, m2, m3 = model(), model(), model()
-    o1, o2 = MBF(m1, **BASE), MBF(m2, **BASE, graft=None, kl_clip=None, stat_warmup=0)
-    o3 = MBF(m3, **BASE, graft="adam")
+def test_default_is_per_block_adam_grafting_and_the_paper_method_is_an_argument_away():
+    m1, m2, m3, m4 = model(), model(), model(), model()
+    o1, o2 = MBF(m1, **BASE), MBF(m2, **BASE, graft="adam", graft_scope="block", kl_clip=None, stat_warmup=0)
+    o3, o4 = MBF(m3, **PLAIN), MBF(m4, **BASE, graft="adam", graft_scope="parameter")
     for i in range(3):
-        step(m1, o1, i)
-        step(m2, o2, i)
-        step(m3, o3, i)
-    for a, b, c in zip(m1.parameters(), m2.parameters(), m3.parameters()):
+        for m, o in ((m1, o1), (m2, o2), (m3, o3), (m4, o4)):
+            step(m, o, i)
+    for a, b, c, d in zip(m1.parameters(), m2.parameters(), m3.parameters(), m4.parameters()):
         assert torch.equal(a, b) and not torch.equal(a, c)
-    assert not any("graft_sq" in s for s in o1.state.values())  # plain MBF keeps no grafting state
-    assert all("graft_sq" in s for s in o3.state.values())
+        assert a.numel() == 1 or not torch.equal(a, d)  # per-block, not per-parameter, norms
+    assert not any("graft_sq" in s for s in o3.state.values())  # plain MBF keeps no grafting state
+    assert all("graft_sq" in s for s in o1.state.values())
 
 
 def test_graft_adam_gives_every_parameter_adams_step_norm_along_mbfs_direction():
     m, plain_m = model(), model()
-    opt = MBF(m, **BASE, graft="adam")
+    opt = MBF(m, **BASE, graft="adam", graft_scope="parameter")
     plain = MBF(plain_m, **PLAIN)
     v = [torch.zeros_like(p) for p in m.parameters()]
     for i in range(4):
@@ -173,6 +173,8 @@ def test_graft_block_and_parameter_scopes_differ_only_inside_multi_entry_blocks(
 def test_kl_clip_bounds_the_quadratic_model_of_the_step(graft):
     m_plain, m_free, m_clip = model(), model(), model()
     grads, d_plain = step(m_plain, MBF(m_plain, **PLAIN), 0)  # -lr * d (momentum 0)
+    # per-parameter scales s (the quadratic below takes one s per parameter)
+    BASE = dict(globals()["BASE"], graft_scope="parameter")
     _, d_free = step(m_free, MBF(m_free, **BASE, graft=graft), 0)  # -lr * s * d
     lr = BASE["lr"]
     s = norms(d_free) / norms(d_plain)
