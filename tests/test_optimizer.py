@@ -595,3 +595,22 @@ def test_failed_statistics_step_leaves_first_estimates_pending(monkeypatch):
         opt.step()
     state = opt.state[model[0].weight]
     assert state["stat_steps"] == 0 and (state["F"] == 0).all()
+
+
+def test_checkpoint_of_another_model_is_refused_clearly_at_the_step():
+    def net(width):
+        return nn.Sequential(nn.Linear(4, width), nn.Tanh(), nn.Linear(width, 2))
+
+    x, y = torch.randn(6, 4), torch.randn(6, 2)
+    small = net(5)
+    opt = MBF(small, backend="torch")
+    nn.functional.mse_loss(small(x), y).backward()
+    opt.step()
+    big = net(7)
+    opt2 = MBF(big, backend="torch")
+    opt2.load_state_dict(opt.state_dict())
+    nn.functional.mse_loss(big(x), y).backward()
+    before = [p.detach().clone() for p in big.parameters()]
+    with pytest.raises(ValueError, match="checkpoint of another model"):
+        opt2.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, big.parameters()))  # no partial step
