@@ -91,8 +91,10 @@ class _ForwardHook:
     def __init__(self, capture: Capture) -> None:
         self.capture = capture
 
-    def __call__(self, module: nn.Module, inputs: tuple, output) -> None:
-        self.capture._forward(module, inputs, output)
+    def __call__(self, module: nn.Module, inputs: tuple, kwargs: dict, output) -> None:
+        # the input passed by keyword too (``layer(input=x)``): else such a layer would never get statistics
+        x = inputs[0] if inputs else kwargs.get("input")
+        self.capture._forward(module, x, output)
 
 
 class _Track:
@@ -200,7 +202,7 @@ class Capture:
             layer = self._layers.get(id(module))
             if layer is None:
                 self._layers[id(module)] = (module, mine)
-                handle = module.register_forward_hook(_ForwardHook(self))
+                handle = module.register_forward_hook(_ForwardHook(self), with_kwargs=True)
                 self._hook_keys.append((module, handle.id))
             else:
                 layer[1].extend(p for p in mine if all(p is not q for q in layer[1]))
@@ -245,7 +247,7 @@ class Capture:
         sharers = [m for p in params for m in self._sharers.get(id(p), ())]
         return id(module) in self._seen or any(id(m) in self._seen for m in sharers)
 
-    def _forward(self, module: nn.Module, inputs: tuple, output) -> None:
+    def _forward(self, module: nn.Module, x: torch.Tensor | None, output) -> None:
         # any mode: a model trained in eval mode (or a frozen BatchNorm) has per-sample data too; an eval
         # pass that no backward into .grad follows holds no valid pass and is dropped (see _alive)
         if not torch.is_grad_enabled() or not self._active():
@@ -253,8 +255,8 @@ class Capture:
         self._seen.add(id(module))
         if id(module) not in self.wanted:
             return
-        if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].numel() == 0:
-            return  # keyword-only call or empty batch: nothing to learn from
+        if not isinstance(x, torch.Tensor) or x.numel() == 0:
+            return  # no tensor input or an empty batch: nothing to learn from
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
         tracks = [self._track(p) for p in self._layers[id(module)][1] if p.requires_grad]
@@ -264,7 +266,7 @@ class Capture:
         records = self.records.setdefault(module, [])
         if records and _task() == -1:  # not during a backward (checkpointing's recomputation)
             records[:] = [r for r in records if self._alive(r, tracks)]
-        record = Record(inputs[0].detach())
+        record = Record(x.detach())
         hook = _OutputHook(record, tracks, self._holding)
         record.graph = weakref.ref(hook)
         output.register_hook(hook)
@@ -349,6 +351,7 @@ class Capture:
     def remove(self) -> None:
         for module, key in self._hook_keys:
             module._forward_hooks.pop(key, None)
+            module._forward_hooks_with_kwargs.pop(key, None)
         self._hook_keys.clear()
         for t in self._tracks.values():
             if t.handle is not None:

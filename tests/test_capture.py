@@ -323,6 +323,31 @@ def test_spectral_norm_parametrization_is_not_recomputed_by_the_optimizer():
     assert opt.state[model[0].bias]["stat_steps"] == 2  # the layer's bias keeps its per-sample statistics
 
 
+def test_layers_called_with_their_input_by_keyword_get_statistics():
+    # layer(input=x): the forward hook sees the input among the keyword arguments (it was missed, and the
+    # layers stayed due with F = 0 for good)
+    torch.manual_seed(14)
+    model = mlp(3, 4, 2)
+
+    def loss(out, target):
+        return mse(out, target)
+
+    class ByKeyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            return self.net[2](input=self.net[1](self.net[0](input=x)))
+
+    wrapper = ByKeyword()
+    opt = first_stats(wrapper)
+    x, y = torch.randn(5, 3, dtype=DT), torch.randn(5, 2, dtype=DT)
+    loss(wrapper(x), y).backward()
+    opt.step()
+    assert_fisher(opt, wrapper, fisher(opt, wrapper, [(loss, x, y)]))
+
+
 def test_norm_layers_on_sequences_sum_the_positions_of_each_sample():
     torch.manual_seed(15)
     model = Tagger().to(DT)

@@ -289,7 +289,9 @@ def test_capture_edge_cases_keyword_input_empty_batch_frozen_layer_and_retain_gr
     frozen.requires_grad_(False)
     model = nn.ModuleList([lin, frozen])
     opt = MBF(model, [lin.weight, lin.bias], backend="torch")
-    lin(input=torch.randn(2, 3)).sum().backward()  # keyword call: not captured, no crash
+    lin(input=torch.randn(2, 3)).sum().backward()  # keyword call: captured like a positional one
+    assert opt._capture.passes(lin.weight) == 1 and len(opt._capture.records_for(lin, lin.weight)) == 1
+    opt.zero_grad()
     lin(torch.randn(0, 3)).sum().backward()  # empty batch: not captured
     frozen(torch.randn(2, 3))  # frozen layer: no record keeps its input alive
     assert not opt._capture.records
