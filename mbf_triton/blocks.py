@@ -59,9 +59,20 @@ class Layout:
         return t.view(self.rows, self.cols)
 
 
+def own(module: nn.Module, name: str) -> torch.Tensor | None:
+    """``module``'s registered parameter ``name`` (None if it has none, e.g. a parametrized ``weight``: reading
+    ``module.weight`` there would run the parametrization, a spectral norm's power iteration)."""
+    return module._parameters.get(name)
+
+
+def is_weight(param: torch.Tensor, module: nn.Module | None) -> bool:
+    """Whether ``param`` is ``module``'s registered ``weight``."""
+    return module is not None and own(module, "weight") is param
+
+
 def layout_for(param: torch.Tensor, module: nn.Module | None, block_size: int) -> Layout:
     """The layout of ``param``; ``module`` is the supported module it is the weight of, else None."""
-    if module is not None and param is getattr(module, "weight", None):
+    if is_weight(param, module):
         if isinstance(module, CONV_TYPES):
             b = math.prod(param.shape[2:])
             return Layout("conv", param.shape[0] * param.shape[1], b, b)

@@ -22,6 +22,7 @@ that was copied or unpickled with a model but without its optimizer, records not
 
 from __future__ import annotations
 
+import sys
 import weakref
 from dataclasses import dataclass, field
 
@@ -29,8 +30,9 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
-from .blocks import CONV_TYPES, LINEAR_TYPES
+from .blocks import CONV_TYPES, LINEAR_TYPES, is_weight, own
 from .distributed import is_dtensor
+from .reference import ConvGeometry
 
 # normalised over the trailing dims (LayerNorm, RMSNorm), or per channel in dim 1 (GroupNorm, BatchNorm)
 TRAILING_NORM_TYPES = (nn.LayerNorm, nn.RMSNorm)
@@ -89,8 +91,10 @@ class _ForwardHook:
     def __init__(self, capture: Capture) -> None:
         self.capture = capture
 
-    def __call__(self, module: nn.Module, inputs: tuple, output) -> None:
-        self.capture._forward(module, inputs, output)
+    def __call__(self, module: nn.Module, inputs: tuple, kwargs: dict, output) -> None:
+        # the input passed by keyword too (``layer(input=x)``): else such a layer would never get statistics
+        x = inputs[0] if inputs else kwargs.get("input")
+        self.capture._forward(module, x, output)
 
 
 class _Track:
@@ -125,17 +129,19 @@ class Capture:
     """Owns the hooks on one model and the records of the current step.
 
     Only layers with a parameter among ``params`` (default: all) are hooked; a layer records only while
-    its id is in :attr:`wanted` (the optimizer's statistics schedule), in training mode with grad enabled,
+    its id is in :attr:`wanted` (the optimizer's statistics schedule), with grad enabled (in either mode),
     and while one of its parameters requires grad (frozen layers keep no inputs alive).
     """
 
     def __init__(self, model: nn.Module, params: list[torch.Tensor] | None = None) -> None:
         self.wanted: set[int] = set()
         self.records: dict[nn.Module, list[Record]] = {}
-        self._model = weakref.ref(model)
+        self._model = weakref.ref(_unwrap(model))
         self._owner: weakref.ref | None = None
         # id(parameter) -> (parameter, module); the parameter is kept so that its id cannot be reused
         self._module_of: dict[int, tuple[torch.Tensor, nn.Module]] = {}
+        # id(parameter) -> the layers that share it (weight tying between like layers): their records pool
+        self._sharers: dict[int, list[nn.Module]] = {}
         self._layers: dict[int, tuple[nn.Module, list[torch.Tensor]]] = {}  # id(module) -> (module, params)
         self._hook_keys: list[tuple[nn.Module, int]] = []
         self._tracks: dict[int, _Track] = {}
@@ -148,7 +154,8 @@ class Capture:
     def __getstate__(self) -> dict:
         # records, tracks and the owner stay behind: a copy records nothing until an optimizer attaches it
         return {"model": self._model(), "module_of": list(self._module_of.values()),
-                "layers": list(self._layers.values()), "hook_keys": self._hook_keys}
+                "layers": list(self._layers.values()), "hook_keys": self._hook_keys,
+                "sharers": [(self._module_of[k][0], ms) for k, ms in self._sharers.items()]}
 
     def __setstate__(self, state: dict) -> None:
         model = state["model"]
@@ -156,6 +163,7 @@ class Capture:
         self.wanted, self.records, self._owner = set(), {}, None
         self._module_of = {id(p): (p, m) for p, m in state["module_of"]}
         self._layers = {id(m): (m, ps) for m, ps in state["layers"]}
+        self._sharers = {id(p): ms for p, ms in state.get("sharers", ())}
         self._hook_keys = state["hook_keys"]
         self._tracks, self._touched, self._seen, self._holding = {}, {}, set(), []
 
@@ -174,19 +182,27 @@ class Capture:
         if model is None:
             return
         wanted = None if params is None else {id(p) for p in params}
+        owners: dict[int, list[nn.Module]] = {}
+        for module in model.modules():
+            for p in module._parameters.values():
+                if p is not None:
+                    owners.setdefault(id(p), []).append(module)
         for module in model.modules():
             if not isinstance(module, HOOKED_TYPES):
                 continue
-            mine = [p for p in (getattr(module, "weight", None), getattr(module, "bias", None))
-                    if isinstance(p, torch.Tensor) and (wanted is None or id(p) in wanted)]
+            mine = [p for p in (own(module, "weight"), own(module, "bias"))
+                    if isinstance(p, torch.Tensor) and (wanted is None or id(p) in wanted)
+                    and _poolable(p, owners.get(id(p), [module]))]
             if not mine:
                 continue
             for p in mine:
                 self._module_of.setdefault(id(p), (p, module))
+                if len(owners.get(id(p), ())) > 1:
+                    self._sharers[id(p)] = owners[id(p)]
             layer = self._layers.get(id(module))
             if layer is None:
                 self._layers[id(module)] = (module, mine)
-                handle = module.register_forward_hook(_ForwardHook(self))
+                handle = module.register_forward_hook(_ForwardHook(self), with_kwargs=True)
                 self._hook_keys.append((module, handle.id))
             else:
                 layer[1].extend(p for p in mine if all(p is not q for q in layer[1]))
@@ -226,17 +242,21 @@ class Capture:
 
     def seen(self, module: nn.Module) -> bool:
         """Whether ``module``'s forward hook has run (layers called functionally, e.g. the ``out_proj`` of
-        ``nn.MultiheadAttention``, never have per-sample data)."""
-        return id(module) in self._seen
+        ``nn.MultiheadAttention``, never have per-sample data), or that of a layer sharing its weight."""
+        params = self._layers.get(id(module), (module, []))[1]
+        sharers = [m for p in params for m in self._sharers.get(id(p), ())]
+        return id(module) in self._seen or any(id(m) in self._seen for m in sharers)
 
-    def _forward(self, module: nn.Module, inputs: tuple, output) -> None:
-        if not (module.training and torch.is_grad_enabled()) or not self._active():
+    def _forward(self, module: nn.Module, x: torch.Tensor | None, output) -> None:
+        # any mode: a model trained in eval mode (or a frozen BatchNorm) has per-sample data too; an eval
+        # pass that no backward into .grad follows holds no valid pass and is dropped (see _alive)
+        if not torch.is_grad_enabled() or not self._active():
             return
         self._seen.add(id(module))
         if id(module) not in self.wanted:
             return
-        if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].numel() == 0:
-            return  # keyword-only call or empty batch: nothing to learn from
+        if not isinstance(x, torch.Tensor) or x.numel() == 0:
+            return  # no tensor input or an empty batch: nothing to learn from
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
         tracks = [self._track(p) for p in self._layers[id(module)][1] if p.requires_grad]
@@ -246,7 +266,7 @@ class Capture:
         records = self.records.setdefault(module, [])
         if records and _task() == -1:  # not during a backward (checkpointing's recomputation)
             records[:] = [r for r in records if self._alive(r, tracks)]
-        record = Record(inputs[0].detach())
+        record = Record(x.detach())
         hook = _OutputHook(record, tracks, self._holding)
         record.graph = weakref.ref(hook)
         output.register_hook(hook)
@@ -300,7 +320,7 @@ class Capture:
         if t is None or t.param is not param or not t.tasks:
             return []
         out = []
-        for r in self.records.get(module, ()):
+        for r in (r for m in self._sharers.get(id(param), [module]) for r in self.records.get(m, ())):
             g = None
             for task, part in r.parts:
                 if task in t.tasks:
@@ -331,6 +351,7 @@ class Capture:
     def remove(self) -> None:
         for module, key in self._hook_keys:
             module._forward_hooks.pop(key, None)
+            module._forward_hooks_with_kwargs.pop(key, None)
         self._hook_keys.clear()
         for t in self._tracks.values():
             if t.handle is not None:
@@ -339,6 +360,32 @@ class Capture:
         self._layers.clear()
         self.records.clear()
         self._owner = None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper compiles (its hooks are that module's): a capture that held the
+    wrapper would make ``copy.deepcopy`` of the wrapped model rebuild the wrapper around a half-copied module."""
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    while dynamo is not None and isinstance(model, dynamo.OptimizedModule):
+        model = model._orig_mod
+    return model
+
+
+def _poolable(p: torch.Tensor, modules: list[nn.Module]) -> bool:
+    """Whether the per-sample data of ``modules`` (all the modules holding ``p``) gives ``p``'s per-sample
+    gradients: one module, or like layers sharing ``p`` in the same role (tied ``nn.Linear`` weights; convs of
+    one geometry), whose uses pool as separate samples like one layer used twice. A parameter shared with any
+    other module (an embedding tied to an output layer) has per-sample data for part of its gradient only:
+    it takes the batch-gradient path, as parameters outside supported layers do."""
+    first = modules[0]
+    for m in modules:
+        if type(m) is not type(first) or not isinstance(m, LINEAR_TYPES + CONV_TYPES):
+            return len(modules) == 1
+        if is_weight(p, m) != is_weight(p, first):
+            return False
+        if isinstance(m, CONV_TYPES) and (ConvGeometry.of(m), m.groups) != (ConvGeometry.of(first), first.groups):
+            return False
+    return True
 
 
 class _BeforeAccumulate:

@@ -480,7 +480,7 @@ class MBF(Optimizer):
         if state["F"].shape != (n_rows * layout.n_chunks, layout.tri):
             raise ValueError(
                 f"curvature state of shape {tuple(state['F'].shape)} does not match the parameter's mini-block "
-                f"layout {layout} (was block_size changed after the first step?)"
+                f"layout {layout} (block_size changed after the first step, or a checkpoint of another model loaded?)"
             )
 
     def _schedule_defaults(self, state: dict[str, Any]) -> None:

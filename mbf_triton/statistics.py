@@ -9,7 +9,8 @@ backward passes that ``.grad`` holds. With ``s = N`` (the record's samples) for 
 * ``nn.Conv1d/2d/3d`` weight: ``s * sum_l delta_{n,:,l} u_{n,:,l}^T`` over the receptive fields ``u``;
   bias ``s * sum_l delta_{n,:,l}``;
 * norm layers' scale: ``s * sum_positions delta_n * xhat_n`` with ``xhat`` the normalised input
-  (recomputed from ``x``; BatchNorm with the batch's statistics, as in training), shift
+  (recomputed from ``x``; BatchNorm with the batch's statistics in training mode, with its running ones in
+  eval mode: the mode at ``step()``), shift
   ``s * sum_positions delta_n``; samples are dim 0 here.
 
 Several records are pooled as samples of one batch, each with its own ``s`` (gradient accumulation). Where
@@ -26,7 +27,7 @@ import torch.nn.functional as tnf
 from torch import nn
 
 from . import reference as ref
-from .blocks import CONV_TYPES, Layout
+from .blocks import CONV_TYPES, Layout, is_weight
 from .capture import NORM_TYPES, TRAILING_NORM_TYPES
 
 Records = list[tuple[torch.Tensor, torch.Tensor]]
@@ -79,7 +80,7 @@ def linear_statistics(backend, p, module, layout, f, decay, records: Records, sk
     xs = [x.reshape(-1, module.in_features) for x, _ in records]
     gs = [g.reshape(-1, module.out_features) for _, g in records]
     x, gout, scale = _pool(xs, gs, reduction)
-    if p is module.weight:
+    if is_weight(p, module):
         backend.linear_fisher_ema_(f, x, gout, b=layout.b, scale=scale, decay=decay, skip=skip)
         return None
     return gout.float().square().mean(dim=0).mul_(scale * scale)[:, None]  # bias: per-sample scale * gout[m]
@@ -94,7 +95,7 @@ def conv_statistics(backend, p, module, layout, f, decay, records: Records, skip
         return sum(x.shape[0] * _conv_fhat(p, module, x, g, sample_scale(x.shape[0], reduction))
                    for x, g in zip(xs, gs)) / n_total
     x, gout, scale = _pool(xs, gs, reduction)
-    if p is module.weight:
+    if is_weight(p, module):
         backend.conv_fisher_ema_(f, x, gout, geometry=ref.ConvGeometry.of(module), groups=module.groups,
                                  scale=scale, decay=decay, skip=skip)
         return None
@@ -103,7 +104,7 @@ def conv_statistics(backend, p, module, layout, f, decay, records: Records, skip
 
 def _conv_fhat(p, module, x, gout, scale: float) -> torch.Tensor:
     """Reference batch Fisher of a conv weight or bias (rare paths: bias, mixed spatial sizes)."""
-    if p is module.weight:
+    if is_weight(p, module):
         return ref.conv_fisher(ref.ConvGeometry.of(module).patches(x), gout, module.groups, scale)
     per_sample = gout.float().flatten(2).sum(dim=2).mul_(scale)  # (N, C_out)
     return per_sample.square().mean(dim=0)[:, None]
@@ -120,7 +121,7 @@ def norm_statistics(p, module, records: Records, reduction: str) -> torch.Tensor
             if x.dim() == len(shape):  # one unbatched sample
                 x, g = x[None], g[None]
             per_sample = g.to(dtype)
-            if p is module.weight:
+            if is_weight(p, module):
                 if isinstance(module, nn.LayerNorm):
                     xhat = tnf.layer_norm(x.to(dtype), shape, eps=module.eps)
                 else:
@@ -130,12 +131,15 @@ def norm_statistics(p, module, records: Records, reduction: str) -> torch.Tensor
         else:  # channels in dim 1 (GroupNorm, BatchNorm; BatchNorm normalises with the batch's statistics)
             xs, gs = (x, g) if x.dim() > 1 else (x[None], g[None])
             per_sample = gs.to(dtype)
-            if p is module.weight:
+            if is_weight(p, module):
                 xf = xs.to(dtype)
                 if isinstance(module, nn.GroupNorm):
                     xhat = tnf.group_norm(xf, module.num_groups, eps=module.eps)
-                else:
+                elif module.training or module.running_mean is None:
                     xhat = tnf.batch_norm(xf, None, None, training=True, eps=module.eps)
+                else:  # eval mode (frozen BatchNorm): its running statistics normalise
+                    xhat = tnf.batch_norm(xf, module.running_mean.to(dtype), module.running_var.to(dtype),
+                                          training=False, eps=module.eps)
                 per_sample = per_sample * xhat
             per_sample = per_sample.reshape(xs.shape[0], xs.shape[1], -1).sum(dim=2)
         per_sample = per_sample * sample_scale(per_sample.shape[0], reduction)

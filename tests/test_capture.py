@@ -232,6 +232,122 @@ def test_gradient_accumulation_equals_the_full_batch_for_every_parameter():
     assert_fisher(full_opt, full_model, fisher(full_opt, full_model, [(mse, tokens, y)], names=names))
 
 
+class TiedLM(nn.Module):
+    """A language model whose output layer's weight is its embedding's (weight tying)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.out = nn.Embedding(7, 5), nn.Linear(5, 7)
+        self.out.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.emb(tokens)))
+
+
+def test_weight_tied_to_an_embedding_takes_the_batch_gradient_path():
+    # the output layer's per-sample data covers only its part of the tied gradient: F would miss the
+    # embedding's; the tied weight takes the batch-gradient path (1x1 blocks, Fhat = g g^T)
+    torch.manual_seed(0)
+    model = TiedLM().to(DT)
+    opt = first_stats(model)
+    tokens, y = torch.randint(0, 7, (6,)), torch.randint(0, 7, (6,))
+    nn.functional.cross_entropy(model(tokens), y).backward()
+    opt.step()
+    w = model.out.weight
+    assert opt.layout(w).kind == "diag"
+    torch.testing.assert_close(opt.state[w]["F"], w.grad.reshape(-1, 1).square().float())
+    bias = fisher(opt, model, [(nn.functional.cross_entropy, tokens, y)], names=["out.bias"])
+    assert_fisher(opt, model, bias)  # the untied bias keeps its per-sample statistics
+
+
+def test_weight_shared_by_two_linear_layers_pools_both_uses():
+    # two nn.Linear sharing one weight: both uses count (as separate samples), as for one layer used twice
+    class Shared(nn.Module):
+        def __init__(self, tied: bool) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4, bias=False)
+            self.b = nn.Linear(4, 4, bias=False) if tied else self.a
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    x, y = torch.randn(5, 4, dtype=DT), torch.randn(5, 4, dtype=DT)
+    fs = []
+    for tied in (True, False):
+        torch.manual_seed(0)
+        model = Shared(tied).to(DT)
+        opt = first_stats(model)
+        mse(model(x), y).backward()
+        opt.step()
+        fs.append(opt.state[model.a.weight]["F"])
+    assert fs[1].abs().max() > 0
+    torch.testing.assert_close(fs[0], fs[1])
+
+
+@pytest.mark.parametrize("frozen", ["batchnorm", "whole model"])
+def test_training_in_eval_mode_keeps_per_sample_statistics(frozen):
+    # frozen BatchNorm (its running statistics normalise) during training, or a model trained in eval mode
+    # (no dropout): the statistics are still per-sample, not the batch gradient's g g^T
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    model[1].running_mean.normal_()
+    model[1].running_var.uniform_(0.5, 2.0)
+    (model[1] if frozen == "batchnorm" else model).eval()
+    opt = first_stats(model)
+    x, y = torch.randn(6, 3, dtype=DT), torch.randn(6, 2, dtype=DT)
+    mse(model(x), y).backward()
+    opt.step()
+    assert_fisher(opt, model, fisher(opt, model, [(mse, x, y)]))
+
+
+def test_spectral_norm_parametrization_is_not_recomputed_by_the_optimizer():
+    # reading a parametrized module's .weight runs the parametrization (spectral norm: a power iteration
+    # that updates its u, v buffers): MBF reads only registered parameters, so SN-GAN trains as with Adam
+    torch.manual_seed(12)
+    sn = torch.nn.utils.parametrizations.spectral_norm
+    model = nn.Sequential(sn(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 1)).to(DT)
+
+    def buffers():
+        return [b.clone() for b in model.buffers()]
+
+    before = buffers()
+    opt = MBF(model, stat_every=1, backend="torch")
+    assert all(torch.equal(a, b) for a, b in zip(before, buffers()))
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(5, 3, dtype=DT)).mean().backward()
+        before = buffers()
+        opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(before, buffers()))
+    assert opt.state[model[0].bias]["stat_steps"] == 2  # the layer's bias keeps its per-sample statistics
+
+
+def test_layers_called_with_their_input_by_keyword_get_statistics():
+    # layer(input=x): the forward hook sees the input among the keyword arguments (it was missed, and the
+    # layers stayed due with F = 0 for good)
+    torch.manual_seed(14)
+    model = mlp(3, 4, 2)
+
+    def loss(out, target):
+        return mse(out, target)
+
+    class ByKeyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            return self.net[2](input=self.net[1](self.net[0](input=x)))
+
+    wrapper = ByKeyword()
+    opt = first_stats(wrapper)
+    x, y = torch.randn(5, 3, dtype=DT), torch.randn(5, 2, dtype=DT)
+    loss(wrapper(x), y).backward()
+    opt.step()
+    assert_fisher(opt, wrapper, fisher(opt, wrapper, [(loss, x, y)]))
+
+
 def test_norm_layers_on_sequences_sum_the_positions_of_each_sample():
     torch.manual_seed(15)
     model = Tagger().to(DT)
@@ -336,6 +452,21 @@ def test_deepcopy_of_model_and_optimizer_trains_the_copy():
         assert torch.equal(p, q)
         assert torch.equal(opt.state[p]["F"], opt2.state[q]["F"])
     assert opt2.steps == opt.steps == 6
+
+
+def test_optimizer_on_a_compiled_model_and_copies_of_it():
+    # MBF(torch.compile(model)): an EMA copy of either module (copy.deepcopy) must work, and the statistics
+    # are those of the plain model (the hooks sit on the modules that the compiled one wraps)
+    torch.manual_seed(13)
+    model = mlp(4, 5, 3)
+    compiled = torch.compile(model, backend="eager")
+    opt = first_stats(compiled)
+    copy.deepcopy(model), copy.deepcopy(compiled)
+    assert opt.layout(model[0].weight).kind == "linear"
+    x, y = torch.randn(6, 4, dtype=DT), torch.randn(6, 3, dtype=DT)
+    mse(model(x), y).backward()  # (the hooks are the same whichever module runs the forward)
+    opt.step()
+    assert_fisher(opt, model, fisher(opt, model, [(mse, x, y)]))
 
 
 def test_deepcopy_and_pickle_of_the_optimizer_and_the_hooked_model():

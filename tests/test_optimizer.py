@@ -210,12 +210,17 @@ def test_stat_every_updates_statistics_on_schedule_and_captures_only_then():
 
 
 def test_no_capture_in_eval_or_no_grad():
+    # an eval pass (grad enabled) with no backward keeps nothing that a step would read: no output gradient,
+    # and its graph is gone (the layer's next forward drops it); no_grad passes record nothing
     model = small_cnn()
     opt = MBF(model, backend="torch")
     x, _ = data()
     model.eval()
     model(x)
     model.train()
+    records = [r for rs in opt._capture.records.values() for r in rs]
+    assert all(not r.parts and r.graph() is None for r in records)
+    opt._capture.records.clear()
     with torch.no_grad():
         model(x)
     assert not opt._capture.records
@@ -284,7 +289,9 @@ def test_capture_edge_cases_keyword_input_empty_batch_frozen_layer_and_retain_gr
     frozen.requires_grad_(False)
     model = nn.ModuleList([lin, frozen])
     opt = MBF(model, [lin.weight, lin.bias], backend="torch")
-    lin(input=torch.randn(2, 3)).sum().backward()  # keyword call: not captured, no crash
+    lin(input=torch.randn(2, 3)).sum().backward()  # keyword call: captured like a positional one
+    assert opt._capture.passes(lin.weight) == 1 and len(opt._capture.records_for(lin, lin.weight)) == 1
+    opt.zero_grad()
     lin(torch.randn(0, 3)).sum().backward()  # empty batch: not captured
     frozen(torch.randn(2, 3))  # frozen layer: no record keeps its input alive
     assert not opt._capture.records
@@ -590,3 +597,22 @@ def test_failed_statistics_step_leaves_first_estimates_pending(monkeypatch):
         opt.step()
     state = opt.state[model[0].weight]
     assert state["stat_steps"] == 0 and (state["F"] == 0).all()
+
+
+def test_checkpoint_of_another_model_is_refused_clearly_at_the_step():
+    def net(width):
+        return nn.Sequential(nn.Linear(4, width), nn.Tanh(), nn.Linear(width, 2))
+
+    x, y = torch.randn(6, 4), torch.randn(6, 2)
+    small = net(5)
+    opt = MBF(small, backend="torch")
+    nn.functional.mse_loss(small(x), y).backward()
+    opt.step()
+    big = net(7)
+    opt2 = MBF(big, backend="torch")
+    opt2.load_state_dict(opt.state_dict())
+    nn.functional.mse_loss(big(x), y).backward()
+    before = [p.detach().clone() for p in big.parameters()]
+    with pytest.raises(ValueError, match="checkpoint of another model"):
+        opt2.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, big.parameters()))  # no partial step
