@@ -42,15 +42,16 @@ import triton.language as tl
 
 from ._common import keep_step, skip_args
 from .lane_solve import _lane_solve_and_update
+from .multilane_solve import _rows_solve_and_update
 
 __all__ = ["LANE_MAX_B", "MAX_BLOCK_SIZE", "VARIANTS", "damped_block_update_", "default_launch_config",
-           "default_variant", "grouped_block_update_", "lane_log_chunk"]
+           "default_variant", "grouped_block_update_", "lane_log_chunk", "rows_lanes"]
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_BLOCK_SIZE = 64  # the register tile holds B_PAD^2 floats per block; larger b use the torch path
 _MAX_B = MAX_BLOCK_SIZE
 LANE_MAX_B = 16  # the lane variant holds b(b+1)/2 + 2b values per lane: 255 registers at b = 16
-VARIANTS = ("tile", "lane")
+VARIANTS = ("tile", "lane", "rows")
 _RUNTIME_SCALARS = ["damping", "lr", "momentum", "weight_decay"]
 
 
@@ -153,7 +154,7 @@ def _damped_block_update_kernel(
     n_blocks, n_chunks, cols,
     damping, lr, momentum, weight_decay,
     B: tl.constexpr, B_PAD: tl.constexpr, T: tl.constexpr, BLOCKS: tl.constexpr, HAS_SKIP: tl.constexpr,
-    LANE: tl.constexpr = False, LOG_CHUNK: tl.constexpr = 5,
+    LANE: tl.constexpr = False, LOG_CHUNK: tl.constexpr = 5, LANES: tl.constexpr = 0,
 ):
     pid = tl.program_id(0).to(tl.int64)
     blk = pid * BLOCKS + tl.arange(0, BLOCKS)  # (BLOCKS,) int64
@@ -161,6 +162,11 @@ def _damped_block_update_kernel(
         n_fallback = _lane_solve_and_update(
             f_ptr, g_ptr, p_ptr, m_ptr, pid * BLOCKS, n_blocks, keep_step(skip_ptr, HAS_SKIP), n_chunks, cols,
             damping, lr, momentum, weight_decay, B, T, BLOCKS, LOG_CHUNK,
+        )
+    elif LANES > 0:
+        n_fallback = _rows_solve_and_update(
+            f_ptr, g_ptr, p_ptr, m_ptr, pid * BLOCKS, n_blocks, keep_step(skip_ptr, HAS_SKIP), n_chunks, cols,
+            damping, lr, momentum, weight_decay, B, T, BLOCKS, LANES, LOG_CHUNK,
         )
     else:
         n_fallback = _solve_and_update(
@@ -175,7 +181,7 @@ def _grouped_block_update_kernel(
     table_ptr, work_ptr, proto_ptr, count_ptr, skip_ptr,
     damping, lr, momentum, weight_decay,
     B: tl.constexpr, B_PAD: tl.constexpr, T: tl.constexpr, BLOCKS: tl.constexpr, HAS_SKIP: tl.constexpr,
-    LANE: tl.constexpr = False, LOG_CHUNK: tl.constexpr = 5,
+    LANE: tl.constexpr = False, LOG_CHUNK: tl.constexpr = 5, LANES: tl.constexpr = 0,
 ):
     # Many parameters with the same b in one launch (as torch's foreach optimizers do): program ``pid``
     # takes BLOCKS mini-blocks of parameter ``work[pid, 0]`` from block ``work[pid, 1]`` on. Row ``t`` of
@@ -196,6 +202,12 @@ def _grouped_block_update_kernel(
             tl.load(row + 5),
             tl.load(row + 6), damping, lr, momentum, weight_decay, B, T, BLOCKS, LOG_CHUNK,
         )
+    elif LANES > 0:
+        n_fallback = _rows_solve_and_update(
+            f_ptr, g_ptr, p_ptr, m_ptr, tl.multiple_of(first, BLOCKS), n_blocks, keep_step(skip_ptr, HAS_SKIP),
+            tl.load(row + 5), tl.load(row + 6), damping, lr, momentum, weight_decay, B, T, BLOCKS, LANES,
+            LOG_CHUNK,
+        )
     else:
         n_fallback = _solve_and_update(
             f_ptr, g_ptr, p_ptr, m_ptr, blk, blk < n_blocks, keep_step(skip_ptr, HAS_SKIP), tl.load(row + 5),
@@ -206,10 +218,20 @@ def _grouped_block_update_kernel(
 
 def default_variant(b: int) -> str:
     """The kernel variant for block size ``b`` without a GPU timing: ``"lane"`` (one mini-block per lane,
-    unrolled scalar code) for ``2 <= b <= LANE_MAX_B``, else ``"tile"``. Chosen by ``perf/kernel_model.py``
-    (a static model of the sm_90 SASS, calibrated on H100 timings of a probe kernel; see perf/NOTES.md):
-    a model prediction, to be replaced by the autotuner's timings on a GPU."""
-    return "lane" if 2 <= b <= LANE_MAX_B else "tile"
+    unrolled scalar code) for ``2 <= b <= LANE_MAX_B``, ``"rows"`` (a few lanes per block) for
+    ``LANE_MAX_B < b <= 64``, ``"tile"`` for ``b = 1``. Chosen by ``perf/kernel_model.py`` (a static model
+    of the sm_90 SASS, calibrated on H100 timings of a probe kernel; see perf/NOTES.md): a model prediction,
+    to be replaced by the autotuner's timings on a GPU."""
+    if 2 <= b <= LANE_MAX_B:
+        return "lane"
+    return "rows" if b >= 2 else "tile"
+
+
+def rows_lanes(b: int) -> int:
+    """Lanes per mini-block of the ``"rows"`` variant (``K``): each lane holds ``ceil(b / K)`` rows of
+    ``K * s + K`` columns (slot ``s``), about ``b^2 / (2K)`` registers; more lanes cost ``log2 K`` shuffles
+    per broadcast. The model's pick (perf/NOTES.md)."""
+    return 2 if b <= 8 else (4 if b <= 28 else (8 if b <= 40 else 32))
 
 
 def lane_log_chunk(b: int) -> int:
@@ -238,6 +260,8 @@ def default_launch_config(b: int, variant: str | None = None) -> tuple[int, int]
     if variant == "lane":
         warps = 8 if b >= 13 else 4
         return 32 * warps, warps
+    if variant == "rows":
+        return 32 * 4 // rows_lanes(b), 4
     b_pad = triton.next_power_of_2(b)
     num_warps = 4 if b_pad <= 16 else (8 if b_pad <= 32 else 16)
     return max(1, (8 * 32 * num_warps) // (b_pad * b_pad)), num_warps
@@ -306,6 +330,8 @@ def _check_variant(b: int, variant: str | None) -> str:
         raise ValueError(f"variant={variant!r} must be one of {VARIANTS}")
     if variant == "lane" and b > LANE_MAX_B:
         raise ValueError(f"variant='lane' supports b <= {LANE_MAX_B} (registers), got b={b}")
+    if variant == "rows" and b < 2:
+        raise ValueError("variant='rows' supports b >= 2, got b=1")
     return variant
 
 
@@ -322,7 +348,8 @@ def _launch_options(b, blocks_per_program, num_warps, num_stages, variant):
             raise ValueError(f"num_stages={num_stages!r} must be an int >= 1")
         launch["num_stages"] = num_stages
     if b > 1:
-        launch.update(LANE=variant == "lane", LOG_CHUNK=lane_log_chunk(b) if variant == "lane" else 0)
+        launch.update(LANE=variant == "lane", LOG_CHUNK=lane_log_chunk(b) if variant == "lane" else 5,
+                      LANES=rows_lanes(b) if variant == "rows" else 0)
     return blocks, launch
 
 

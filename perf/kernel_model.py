@@ -73,7 +73,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import resource_report as rr  # noqa: E402  (sibling script: compiling for sm_90 and cuobjdump)
+import resource_report as rr  # noqa: E402,I001  (sibling script: compiling for sm_90 and cuobjdump)
+from access_patterns import chunk_widths, floor_bytes, l1_cost_per_block, tril  # noqa: E402,F401
+from access_patterns import lane_l1_lines, rows_l1_lines  # noqa: E402  (L1 cost of each variant's accesses)
 
 PROBE_TRITON = "3.6.0"  # the triton version of the H100 probe timings (h100_probe.csv header)
 CALIBRATION_DIR = Path(os.environ.get("MBF_CALIBRATION_DIR", ROOT.parent / "shared" / "calibration"))
@@ -383,77 +385,11 @@ def calibrate(min_blocks: int = 10**5) -> list[dict]:
     return rows
 
 
-# ------------------------------------------------------------------------------------------ access patterns
-def _lines_per_request(addrs: list[int], line: int = 128) -> tuple[int, int]:
-    """Distinct 128-byte lines and 32-byte sectors that one warp request (32 byte addresses) touches."""
-    return len({a // line for a in addrs}), len({a // 32 for a in addrs})
-
-
-def chunk_widths(n: int, log_chunk: int) -> list[int]:
-    """The power-of-two column chunks :func:`kernels.lane_solve._load_row` loads ``n`` entries in."""
-    w = 1 << log_chunk
-    return [w] * (n // w) + [1 << bit for bit in range(log_chunk - 1, -1, -1) if (n >> bit) & 1]
-
-
-def l1_cost_per_block(pattern: str, n: int, stride: int, blocks: int = 4096, log_chunk: int = 5) -> tuple[float, float]:
-    """(L1 lines, sectors) per mini-block for reading ``n`` fp32 entries of each block, blocks ``stride``
-    entries apart, by 32-lane warp requests, simulated over ``blocks`` consecutive blocks:
-
-    * ``"rows"``: one mini-block per lane, one load per entry (lane l reads block l's entry k);
-    * ``"chunks"``: :func:`kernels.lane_solve._load_row`: a ``[BLOCKS, W]`` tile per power-of-two chunk,
-      lanes along the W columns first (``min(W, 32)`` lanes per row), one fp32 each;
-    * ``"interleaved"``: the tri-major layout ``(n, n_blocks)``: lane l reads entry k of block l, which sits
-      next to block l+1's entry k."""
-    lines = sectors = 0
-    if pattern == "interleaved":
-        for k in range(n):
-            for w0 in range(0, blocks, 32):
-                ln, sc = _lines_per_request([4 * (k * blocks + w0 + lane) for lane in range(32)])
-                lines, sectors = lines + ln, sectors + sc
-    elif pattern == "rows":
-        for k in range(n):
-            for w0 in range(0, blocks, 32):
-                ln, sc = _lines_per_request([4 * ((w0 + lane) * stride + k) for lane in range(32)])
-                lines, sectors = lines + ln, sectors + sc
-    elif pattern == "chunks":
-        start = 0
-        for w in chunk_widths(n, log_chunk):
-            lanes_per_row = min(w, 32)
-            rows_per_req = 32 // lanes_per_row
-            for c0 in range(0, w, lanes_per_row):
-                for r0 in range(0, blocks, rows_per_req):
-                    addrs = [4 * ((r0 + lane // lanes_per_row) * stride + start + c0 + lane % lanes_per_row)
-                             for lane in range(32)]
-                    ln, sc = _lines_per_request(addrs)
-                    lines, sectors = lines + ln, sectors + sc
-            start += w
-    else:
-        raise ValueError(pattern)
-    return lines / blocks, sectors / blocks
-
-
-def tril(b: int) -> int:
-    return b * (b + 1) // 2
-
-
-def floor_bytes(b: int) -> int:
-    """Bytes the fused solve + update must move per mini-block (fp32): packed F read, gradient read,
-    parameter and momentum read + write (as ``perf/bench_solve.py`` counts them)."""
-    return 4 * (tril(b) + 5 * b)
-
-
-def lane_l1_lines(b: int, f_pattern: str = "chunks", log_chunk: int = 5) -> float:
-    """L1 lines per mini-block of the lane variant: F (``f_pattern``), gradient, momentum and parameter
-    reads, momentum and parameter writes (the vectors of consecutive blocks are contiguous: stride b)."""
-    f_lines, _ = l1_cost_per_block(f_pattern, tril(b), tril(b), log_chunk=log_chunk)
-    v_lines, _ = l1_cost_per_block("chunks", b, b, log_chunk=log_chunk)
-    return f_lines + 5 * v_lines
-
-
 def block_update_config(variant: str, b: int, blocks: int | None = None, warps: int | None = None,
-                        log_chunk: int = 5) -> Config:
+                        log_chunk: int = 5, lanes: int | None = None) -> Config:
     """The single-parameter solve + update kernel (``_damped_block_update_kernel``) as launched for
-    ``variant`` ``"tile"`` (the register-tile kernel) or ``"lane"`` (one mini-block per lane)."""
+    ``variant`` ``"tile"`` (the register-tile kernel), ``"lane"`` (one mini-block per lane) or ``"rows"``
+    (``lanes`` lanes per block, default :func:`kernels.block_update.rows_lanes`)."""
     import triton
     from mbf_triton.kernels import block_update as bu
 
@@ -465,11 +401,17 @@ def block_update_config(variant: str, b: int, blocks: int | None = None, warps: 
         warps = warps or 4
         blocks = blocks or 32 * warps
         trips, l1 = (), lane_l1_lines(b, "chunks", log_chunk)
+    elif variant == "rows":
+        lanes = lanes or bu.rows_lanes(b)
+        warps = warps or 4
+        blocks = blocks or 32 * warps // lanes
+        trips, l1 = (), rows_l1_lines(b, lanes, log_chunk)
     else:
         raise ValueError(variant)
     constexprs = {"B": b, "B_PAD": triton.next_power_of_2(b), "T": tril(b), "BLOCKS": blocks, "HAS_SKIP": True,
-                  "LANE": variant == "lane", "LOG_CHUNK": log_chunk}
-    return Config(f"{variant} b={b} blocks={blocks} warps={warps}", bu._damped_block_update_kernel,
+                  "LANE": variant == "lane", "LOG_CHUNK": log_chunk, "LANES": lanes if variant == "rows" else 0}
+    name = f"{variant} b={b} blocks={blocks} warps={warps}" + (f" K={lanes}" if variant == "rows" else "")
+    return Config(name, bu._damped_block_update_kernel,
                   rr.BLOCK_UPDATE_SIG, constexprs, warps, blocks, floor_bytes(b), floor_bytes(b), trips, l1,
                   default_trip=b if variant == "tile" else None)
 

@@ -33,13 +33,13 @@ BLOCK_UPDATE_SIG = {
     "n_blocks": "i32", "n_chunks": "i32", "cols": "i32",
     "damping": "fp32", "lr": "fp32", "momentum": "fp32", "weight_decay": "fp32",
     "B": "constexpr", "B_PAD": "constexpr", "T": "constexpr", "BLOCKS": "constexpr", "HAS_SKIP": "constexpr",
-    "LANE": "constexpr", "LOG_CHUNK": "constexpr",
+    "LANE": "constexpr", "LOG_CHUNK": "constexpr", "LANES": "constexpr",
 }
 GROUPED_SIG = {
     "table_ptr": "*i64", "work_ptr": "*i64", "proto_ptr": "*bf16", "count_ptr": "*i32", "skip_ptr": "*u8",
     "damping": "fp32", "lr": "fp32", "momentum": "fp32", "weight_decay": "fp32",
     "B": "constexpr", "B_PAD": "constexpr", "T": "constexpr", "BLOCKS": "constexpr", "HAS_SKIP": "constexpr",
-    "LANE": "constexpr", "LOG_CHUNK": "constexpr",
+    "LANE": "constexpr", "LOG_CHUNK": "constexpr", "LANES": "constexpr",
 }
 LINEAR_SIG = {
     "f_ptr": _F, "part_ptr": _F, "x_ptr": _F, "g_ptr": _F, "skip_ptr": "*u8", "M": "i32", "n_in": "i32", "n_out": "i32",
