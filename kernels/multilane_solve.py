@@ -9,8 +9,8 @@ symmetric (``A = L D L^T`` form of the damped Cholesky, so each pivot costs one 
 root): at pivot ``j`` every lane receives the values ``A[c, j]`` it needs from lane ``c % K`` by a masked
 sum over the ``K`` lanes (``tl.sum(tl.where(lane == c % K, v, 0))``: ``log2 K`` butterfly shuffles;
 written out, not a helper: each call of a jit helper costs milliseconds under the interpreter) and
-updates its own rows with multiply-adds, about ``b^2/2`` such broadcasts and ``b^3 / (6K)`` multiply-adds per lane. The pivots
-``A_jj - sum_k L_jk^2`` are those of the Cholesky factorisation, so the fallback test is the same
+updates its own rows with multiply-adds, about ``b^2/2`` such broadcasts and ``b^3 / (6K)`` multiply-adds per
+lane. The pivots ``A_jj - sum_k L_jk^2`` are those of the Cholesky factorisation, so the fallback test is the same
 (``<= 0`` or not finite). The forward substitution runs in the same loop; the back substitution takes one
 lane-sum per row. Loads of ``F`` reuse :func:`.lane_solve._load_row` (coalesced chunks of each lane's rows);
 the fallback and the update reuse :func:`.lane_solve._finish`.
