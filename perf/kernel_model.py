@@ -460,6 +460,9 @@ def solve_variants(b: int) -> list[Config]:
     if 2 <= b <= bu.LANE_MAX_B:
         blocks, warps = bu.default_launch_config(b, "lane")
         out.append(block_update_config("lane", b, blocks, warps, bu.lane_log_chunk(b)))
+    if b > bu.LANE_MAX_B:
+        blocks, warps = bu.default_launch_config(b, "rows")
+        out.append(block_update_config("rows", b, blocks, warps, 5, bu.rows_lanes(b)))
     return out
 
 
@@ -532,6 +535,16 @@ def main(argv: list[str] | None = None) -> int:
     bs = tuple(args.b or ((9,) if args.quick else (4, 9, 16, 25, 27, 32, 64)))
     print_layouts(tuple(b for b in bs if b <= 32))
     best = print_variants(bs)
+    mid = {b: p for b, p in best.items() if b in (25, 27, 32)}
+    if mid:
+        worst = max(p.ms(N_BIG) / p.floor_ms(N_BIG) for p in mid.values())
+        print("worst predicted/floor for b in {25,27,32}: " + f"{worst:.2f} ("
+              + ", ".join(f"b={b} {p.ms(N_BIG):.3f} ms" for b, p in mid.items()) + ")")
+    if 64 in best:
+        tile64 = predict(block_update_config("tile", 64)).ms(N_BIG)
+        p64 = best[64]
+        print(f"b=64: best {p64.config.name} {p64.ms(N_BIG):.3f} ms, {tile64 / p64.ms(N_BIG):.1f}x faster than the "
+              "tile kernel")
     small = [p.ms(N_BIG) / p.floor_ms(N_BIG) for b, p in best.items() if b <= 16]
     print(f"worst predicted/floor for b<=16: {max(small):.2f}" if small else "worst predicted/floor for b<=16: n/a")
     return 0
