@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import INTERPRET, QUICK, kernel_device, tol
+from conftest import QUICK, kernel_device, tol
 
 pytest.importorskip("triton")
 
@@ -71,10 +71,11 @@ def oracle_step(f, grad, param64, mom64, *, b, damping, lr, momentum, weight_dec
 
 def run_and_compare(f, grad, param, mom, *, b, damping=1e-2, lr=0.05, momentum=0.9, weight_decay=0.01,
                     steps=1, **launch):
-    """Run ``steps`` kernel calls and the reference side by side, comparing after each call. Under the
-    interpreter, b > 16 runs the tile variant unless a variant is given: the default there ("rows", fully
-    unrolled) takes seconds per program under the interpreter and has its own tests (``test_rows_*``)."""
-    if INTERPRET and b > block_update.LANE_MAX_B:
+    """Run ``steps`` kernel calls and the reference side by side, comparing after each call. For b > 16 the
+    tile variant runs unless a variant is given: the default there ("rows") is fully unrolled, minutes per
+    configuration to compile and seconds per program under the interpreter, and has its own tests
+    (``test_rows_*``)."""
+    if b > block_update.LANE_MAX_B:
         launch.setdefault("variant", "tile")
     param64, mom64 = param.double(), mom.double()
     count = torch.zeros(1, dtype=torch.int32, device=param.device)
