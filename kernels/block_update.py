@@ -44,13 +44,14 @@ from ._common import keep_step, skip_args
 from .lane_solve import _lane_solve_and_update
 from .multilane_solve import _rows_solve_and_update
 
-__all__ = ["LANE_MAX_B", "MAX_BLOCK_SIZE", "VARIANTS", "damped_block_update_", "default_launch_config",
+__all__ = ["LANE_MAX_B", "MAX_BLOCK_SIZE", "ROWS_MAX_B", "VARIANTS", "damped_block_update_", "default_launch_config",
            "default_variant", "grouped_block_update_", "lane_log_chunk", "rows_lanes"]
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_BLOCK_SIZE = 64  # the register tile holds B_PAD^2 floats per block; larger b use the torch path
 _MAX_B = MAX_BLOCK_SIZE
 LANE_MAX_B = 16  # the lane variant holds b(b+1)/2 + 2b values per lane: 255 registers at b = 16
+ROWS_MAX_B = 32  # the rows variant is the default up to here (it runs for any b >= 2)
 VARIANTS = ("tile", "lane", "rows")
 _RUNTIME_SCALARS = ["damping", "lr", "momentum", "weight_decay"]
 
@@ -219,12 +220,14 @@ def _grouped_block_update_kernel(
 def default_variant(b: int) -> str:
     """The kernel variant for block size ``b`` without a GPU timing: ``"lane"`` (one mini-block per lane,
     unrolled scalar code) for ``2 <= b <= LANE_MAX_B``, ``"rows"`` (a few lanes per block) for
-    ``LANE_MAX_B < b <= 64``, ``"tile"`` for ``b = 1``. Chosen by ``perf/kernel_model.py`` (a static model
-    of the sm_90 SASS, calibrated on H100 timings of a probe kernel; see perf/NOTES.md): a model prediction,
-    to be replaced by the autotuner's timings on a GPU."""
+    ``LANE_MAX_B < b <= ROWS_MAX_B`` (17..32), ``"tile"`` for ``b = 1`` and ``b > 32``. Chosen by
+    ``perf/kernel_model.py`` (a static model of the sm_90 SASS, calibrated on H100 timings of a probe kernel;
+    see perf/NOTES.md), which predicts rows 7-16x faster than tile at b = 25 and 32; rows at b = 64 was not
+    modelled (its fully unrolled code did not finish compiling here) and takes tens of minutes to compile, so
+    tile stays the default above 32. A model prediction, to be replaced by the autotuner's timings on a GPU."""
     if 2 <= b <= LANE_MAX_B:
         return "lane"
-    return "rows" if b >= 2 else "tile"
+    return "rows" if LANE_MAX_B < b <= ROWS_MAX_B else "tile"
 
 
 def rows_lanes(b: int) -> int:

@@ -448,6 +448,7 @@ def print_calibration(rows: list[dict]) -> float:
     return worst
 
 
+ROWS_MAX_B = int(os.environ.get("MBF_MODEL_ROWS_MAX_B", "32"))  # rows above b = 32: hours to compile here
 SOLVE_EX_MS_1E6 = {9: 3.26, 16: 6.39, 32: 31.93}  # measured on the H100 (shared/calibration/README.md)
 N_BIG = 10**6
 
@@ -460,7 +461,7 @@ def solve_variants(b: int) -> list[Config]:
     if 2 <= b <= bu.LANE_MAX_B:
         blocks, warps = bu.default_launch_config(b, "lane")
         out.append(block_update_config("lane", b, blocks, warps, bu.lane_log_chunk(b)))
-    if b > bu.LANE_MAX_B:
+    if bu.LANE_MAX_B < b <= ROWS_MAX_B:
         blocks, warps = bu.default_launch_config(b, "rows")
         out.append(block_update_config("rows", b, blocks, warps, 5, bu.rows_lanes(b)))
     return out

@@ -89,7 +89,7 @@ def test_block_update_candidates_are_pruned(b, n_blocks):
     for c in lane:
         assert c.blocks_per_program == 32 * c.num_warps <= max(32, configs._next_pow2(n_blocks))
     rows = [c for c in cands if c.variant == "rows"]
-    assert bool(rows) == (b > 16)  # a few lanes per block: the candidate (and the default) for b > 16
+    assert bool(rows) == (16 < b <= 32)  # a few lanes per block: the heuristic (first candidate) for 17..32
     for c in rows:
         assert c.blocks_per_program * configs._kernels()[0].rows_lanes(b) == 32 * c.num_warps
     for c in cands[1:]:

@@ -398,7 +398,8 @@ def test_variants_skip_flag_and_grouped_launch(variant):
 def test_variant_validation_and_defaults():
     assert block_update.default_variant(1) == "tile"
     assert block_update.default_variant(9) == "lane"
-    for b in (block_update.LANE_MAX_B + 1, 25, 27, 32, 64):
+    assert block_update.default_variant(block_update.ROWS_MAX_B + 1) == block_update.default_variant(64) == "tile"
+    for b in (block_update.LANE_MAX_B + 1, 25, 27, 32):
         assert block_update.default_variant(b) == "rows"
         blocks, warps = block_update.default_launch_config(b)
         assert blocks * block_update.rows_lanes(b) == 32 * warps

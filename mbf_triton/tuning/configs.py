@@ -48,7 +48,7 @@ class BlockUpdateConfig:
 
     ``num_stages=None``: Triton's default (the kernel has no pipelined loads, so it rarely matters).
     ``variant``: ``"tile"`` (register tile per block), ``"lane"`` (one mini-block per lane, ``b <= 16``) or
-    ``"rows"`` (``rows_lanes(b)`` lanes per block, ``b >= 2``, a candidate for ``b > 16``;
+    ``"rows"`` (``rows_lanes(b)`` lanes per block, ``b >= 2``, the heuristic for ``17 <= b <= 32``;
     ``blocks_per_program * rows_lanes(b) = 32 * num_warps``).
     """
 
@@ -176,12 +176,8 @@ def block_update_candidates(
             cfg = BlockUpdateConfig(32 * w, w, None, "lane")
             if 32 * w <= max(32, most) and cfg not in out:
                 out.append(cfg)
-    if b > _kernels()[0].LANE_MAX_B:  # a few lanes per block: blocks * rows_lanes(b) = 32 * warps
-        lanes = _kernels()[0].rows_lanes(b)
-        for w in warps:
-            cfg = BlockUpdateConfig(max(1, 32 * w // lanes), w, None, "rows")
-            if 32 * w // lanes <= max(32 // lanes, most) and cfg not in out:
-                out.append(cfg)
+    # "rows" (a few lanes per block) is the heuristic, hence the first candidate, for 17 <= b <= 32; no other
+    # rows configs: each takes minutes to compile (fully unrolled), and they differ only in programs per SM
     return out
 
 
