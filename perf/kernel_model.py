@@ -49,6 +49,10 @@ Usage::
     python perf/kernel_model.py            # calibration, every solve variant and b, the summary line
     python perf/kernel_model.py --quick    # b = 9 only, no calibration (CI smoke)
 
+The ``"rows"`` variant is modelled for ``17 <= b <= MBF_MODEL_ROWS_MAX_B`` (default 32): its fully unrolled
+code takes 10-30 minutes per configuration to compile on this project's small shared CPU (triton's layout
+rematerialisation pass), and b = 64 did not finish here.
+
 Calibrate with the triton that timed the probe (3.6.0; the SASS of one kernel differs a lot between
 versions), e.g. ``pip install --target /tmp/t36 --no-deps triton==3.6.0`` and
 ``PYTHONPATH=/tmp/t36 python perf/kernel_model.py --calibration-only``. Compiled SASS is cached in
