@@ -34,6 +34,7 @@ class TorchBackend:
     def __init__(self) -> None:
         # (ids of the Fs) -> (weak refs to them, (versions, storage, damping), factor): see _factor
         self._factors: dict[tuple[int, ...], tuple[list, tuple, ref.BlockFactor]] = {}
+        self._groups: dict[int, tuple[tuple[int, ...], int]] = {}  # id(F) -> (its group's key, first block)
 
     def linear_fisher_ema_(
         self, f: torch.Tensor, x: torch.Tensor, gout: torch.Tensor, *, b: int, scale: float, decay: float,
@@ -101,6 +102,17 @@ class TorchBackend:
         ds = [ref.from_blocks(d_i, *param.shape) for param, d_i in zip(params, d.split([x.shape[0] for x in grads]))]
         ref.apply_update_(params, ds, [buf for _, _, _, buf in items], lr, momentum, weight_decay, skip)
 
+    def direction(self, f: torch.Tensor, grad: torch.Tensor, *, b: int, damping: float) -> torch.Tensor:
+        """MBF's direction alone, ``d_i = (F_i + damping I)^{-1} g_i`` for the ``(rows, cols)`` gradient
+        matrix ``grad``, as fp32 blocks ``(n_blocks, b)`` (what the step-size options need the norms of).
+        The update's factor where one is cached (a slice of its group's), else ``F``'s own, which the
+        update then joins into its group's: one factorisation per statistics step either way, two
+        triangular substitutions on the other steps."""
+        g = ref.to_blocks(grad.float(), b)
+        if b == 1 or g.shape[0] == 0:
+            return ref.damped_block_solve(f, g, damping)[0]
+        return ref.block_solve(self._own_factor(f, b, damping), g)
+
     # Factors of F + damping I are kept between steps: F changes only on statistics steps (every
     # ``stat_every`` steps), so the other steps cost two triangular substitutions. Valid while every F is
     # the same tensor, unmodified since (torch's version counter: every in-place torch op on F bumps it),
@@ -116,19 +128,54 @@ class TorchBackend:
         return ref.host_skip(skip) if self.reads_host_flags else (False, skip)
 
     def _factor(self, fs: list[torch.Tensor], b: int, damping: float) -> ref.BlockFactor:
+        """The factor of the concatenated ``fs`` (an update group): cached, or joined from the members' own
+        factors where :meth:`direction` made them all this step, else factored."""
         if not self.reuse_factors:
             return self._new_factor(fs, b, damping)
         key = tuple(id(f) for f in fs)
-        stamp = (tuple(f._version for f in fs), tuple(f.data_ptr() for f in fs), damping)
-        cache = self._factors
-        hit = cache.get(key)
-        if hit is not None and hit[1] == stamp and all(r() is f for r, f in zip(hit[0], fs)):
-            return hit[2]
-        factor = self._new_factor(fs, b, damping)
-        if hit is None:  # the entry goes when the first F does (the rest are checked by their weak refs)
-            weakref.finalize(fs[0], cache.pop, key, None)
-        cache[key] = ([weakref.ref(f) for f in fs], stamp, factor)
+        factor = self._cached(key, fs, damping)
+        if factor is not None:
+            return factor
+        own = [self._cached((id(f),), [f], damping) for f in fs] if len(fs) > 1 else [None]
+        if all(o is not None for o in own):
+            factor = ref.BlockFactor.join(own)
+            for f in fs:  # kept once: direction() finds them as slices of the group's factor
+                self._factors.pop((id(f),), None)
+        else:
+            factor = self._new_factor(fs, b, damping)
+        self._store(key, fs, damping, factor)
         return factor
+
+    def _own_factor(self, f: torch.Tensor, b: int, damping: float) -> ref.BlockFactor:
+        """``F``'s factor alone: a slice of the cached factor of a group that holds ``f``, else its own."""
+        if self.reuse_factors and (found := self._groups.get(id(f))) is not None:
+            key, start = found
+            entry = self._factors.get(key)
+            fs = [r() for r in entry[0]] if entry is not None else []
+            if any(m is f for m in fs) and (factor := self._cached(key, fs, damping)) is not None:
+                return factor.rows(start, start + f.shape[0])
+        return self._factor([f], b, damping)
+
+    def _stamp(self, fs: list[torch.Tensor], damping: float) -> tuple:
+        return tuple(f._version for f in fs), tuple(f.data_ptr() for f in fs), damping
+
+    def _cached(self, key: tuple[int, ...], fs: list[torch.Tensor], damping: float) -> ref.BlockFactor | None:
+        hit = self._factors.get(key)
+        if hit is not None and hit[1] == self._stamp(fs, damping) and all(r() is f for r, f in zip(hit[0], fs)):
+            return hit[2]
+        return None
+
+    def _store(self, key: tuple[int, ...], fs: list[torch.Tensor], damping: float, factor: ref.BlockFactor) -> None:
+        if key not in self._factors:  # the entry goes when the first F does (the rest are checked by weak refs)
+            weakref.finalize(fs[0], self._factors.pop, key, None)
+        self._factors[key] = ([weakref.ref(f) for f in fs], self._stamp(fs, damping), factor)
+        if len(fs) > 1:
+            start = 0
+            for f in fs:
+                if id(f) not in self._groups:
+                    weakref.finalize(f, self._groups.pop, id(f), None)
+                self._groups[id(f)] = (key, start)
+                start += f.shape[0]
 
     def _new_factor(self, fs: list[torch.Tensor], b: int, damping: float) -> ref.BlockFactor:
         factor = ref.damped_cholesky(fs[0] if len(fs) == 1 else torch.cat(fs), b, damping)
@@ -186,6 +233,17 @@ class TritonBackend(TorchBackend):
         self._block_update.damped_block_update_(
             f, grad, param, momentum_buffer, fallback_count, **kw, skip=skip, **config.launch_kwargs()
         )
+
+    def direction(self, f, grad, *, b, damping):  # noqa: D102
+        # The fused solve+update kernel with a zero "parameter", a zero momentum buffer, momentum 0 and
+        # lr = -1 writes p = 0 - (-1) * (0 * 0 + d) = d exactly: the direction from the same launch (and the
+        # same tuned configuration) as the update, with no second implementation of the solve.
+        g = grad.float().contiguous()
+        d, scratch = torch.zeros_like(g), torch.zeros_like(g)
+        uncounted = torch.zeros(1, dtype=torch.int32, device=g.device)  # fallbacks are counted by the update
+        self.block_update_(f, g, d, scratch, uncounted, b=b, damping=damping, lr=-1.0, momentum=0.0,
+                           weight_decay=0.0)
+        return ref.to_blocks(d, b)
 
     def block_update_group_(self, items, fallback_count, *, b, damping, lr, momentum, weight_decay,
                             skip=None):  # noqa: D102

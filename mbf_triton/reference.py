@@ -335,6 +335,18 @@ class BlockFactor:
     def of(cls, b: int, chol: torch.Tensor, fallback: torch.Tensor, diag: torch.Tensor, damping: float):
         return cls(b, chol, fallback, diag.clamp(min=0).add_(damping))
 
+    @classmethod
+    def join(cls, factors: list[BlockFactor]) -> BlockFactor:
+        """The factors of several block sets as one (blocks in order), as if factored together."""
+        none = all(f.any_fallback is False for f in factors)
+        return cls(factors[0].b, torch.cat([f.chol for f in factors], 1), torch.cat([f.fallback for f in factors]),
+                   torch.cat([f.diag_denom for f in factors], 1), False if none else None)
+
+    def rows(self, start: int, stop: int) -> BlockFactor:
+        """The factors of blocks ``start .. stop - 1`` (views)."""
+        return BlockFactor(self.b, self.chol[:, start:stop], self.fallback[start:stop],
+                           self.diag_denom[:, start:stop], False if self.any_fallback is False else None)
+
 
 def damped_cholesky(f: torch.Tensor, b: int, damping: float) -> BlockFactor:
     """Cholesky factors of ``F_i + damping * I`` for every packed block of ``f`` ``(n, b*(b+1)//2)``.

@@ -5,6 +5,7 @@ whole step on the device, every state-writing op reads the flag, and the host re
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,10 +44,11 @@ def nonfinite_flags(grads: list[torch.Tensor], found_inf: torch.Tensor | None = 
         bad = dict(zip(bad, anywhere))
     return {device: b.reshape(1) for device, b in bad.items()}
 
-def unscale_(grads: list[torch.Tensor], grad_scale: torch.Tensor | None,
+def unscale_(grads: list[torch.Tensor], grad_scale: torch.Tensor | None, unscaled: bool = False,
               ) -> dict[torch.device, torch.Tensor] | None:
     """Divide the gradients by GradScaler's scale in place, on the device; per device, the inverse scale
-    (a 0-dim fp32 tensor) that the captured output gradients are multiplied by too (None: no scaler)."""
+    (a 0-dim fp32 tensor) that the captured output gradients are multiplied by too (None: no scaler).
+    ``unscaled``: ``scaler.unscale_(opt)`` already divided the gradients; only the inverse is returned."""
     if grad_scale is None:
         return None
     inv = grad_scale.double().reciprocal().float().reshape(())
@@ -54,9 +56,38 @@ def unscale_(grads: list[torch.Tensor], grad_scale: torch.Tensor | None,
     for g in grads:
         by_device.setdefault(g.device, []).append(g)
     invs = {device: inv.to(device, non_blocking=True) for device in by_device}
-    for device, gs in by_device.items():
-        torch._foreach_mul_(gs, invs[device])
+    if not unscaled:
+        for device, gs in by_device.items():
+            torch._foreach_mul_(gs, invs[device])
     return invs
+
+
+def loss_scale(opt: Any) -> tuple[torch.Tensor | None, bool]:
+    """``(scale, unscaled)``: the loss scale of the backward passes ``opt.step()`` consumes, and whether
+    the gradients are already divided by it. ``scaler.step(opt)`` hands an optimizer with
+    ``_step_supports_amp_scaling`` its ``grad_scale`` (and ``found_inf``) as attributes; after
+    ``scaler.unscale_(opt)`` (to clip) it hands no scale, but the captured output gradients still carry
+    it. torch has no API for it then, so the calling ``GradScaler.step`` is found on the stack (its
+    per-optimizer stage says ``unscale_`` ran) and its scale read as a device tensor (no sync); the scale
+    changes only in ``scaler.update()``, after the step. Raises if no such caller is found."""
+    grad_scale, found_inf = getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None)
+    if grad_scale is not None or found_inf is None:
+        return grad_scale, False
+    frame = sys._getframe(1)
+    for _ in range(16):
+        frame = frame.f_back
+        if frame is None:
+            break
+        scaler = frame.f_locals.get("self")
+        if isinstance(scaler, torch.amp.GradScaler) and frame.f_code.co_name == "step":
+            stage = scaler._per_optimizer_states.get(id(opt), {}).get("stage")
+            if getattr(stage, "name", None) == "UNSCALED" and getattr(scaler, "_scale", None) is not None:
+                return scaler._scale, True
+    raise RuntimeError(
+        "the optimizer was given found_inf but no grad_scale, as GradScaler does after scaler.unscale_(opt), "
+        "but the calling GradScaler.step was not found: MBF's statistics (captured output gradients) "
+        "still carry the loss scale; call opt.step() through scaler.step(opt)")
+
 
 def unsettled_step(skip: dict[torch.device, torch.Tensor], counted: list, first: bool,
                     counts_step: bool = True) -> Unsettled:

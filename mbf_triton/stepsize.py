@@ -17,6 +17,12 @@ The options here make ``lr`` mean what it means for a first-order method:
   MBF keeps only the direction. (``t`` is per parameter, on the device: skipped steps do not count, a
   cleared state starts again at 1.)
 - ``graft="sgd"``: ``s_p = ||g|| / ||d||``: ``lr`` is torch SGD-with-momentum's learning rate.
+- ``graft_scope``: over which entries the norms above are taken. ``"parameter"`` (the default): one scale
+  per parameter. ``"block"``: one scale per mini-block, ``s_i = ||a_i|| / ||d_i||`` with ``a_i`` the
+  grafted step (Adam's or SGD's) restricted to block ``i``'s entries, as distributed Shampoo grafts per
+  block of its blocking. On 1x1 (``diag``) blocks that is Adam's (or SGD's) step exactly; inside a larger
+  block the direction is MBF's. A mini-block lies whole on one rank (rows of ``F`` are blocks), so these
+  norms need no communication. The momentum's bias correction is the same (a per-parameter ``t``).
 - ``kl_clip=kappa`` (K-FAC's trust region): with ``Delta_p = lr s_p d_p``, all directions are scaled by
   ``nu = min(1, sqrt(kappa / sum_p lr^2 s_p^2 g_p . d_p))``, so the step's quadratic model
   ``Delta^T (F + damping I) Delta`` (= ``lr^2 s^2 g . d``) stays below ``kappa``.
@@ -41,6 +47,7 @@ import torch
 from . import reference as ref
 
 GRAFTS = (None, "adam", "sgd")
+GRAFT_SCOPES = ("parameter", "block")
 GRAFT_BETA2 = 0.999
 GRAFT_EPS = 1e-8
 FP32_STATE = ("graft_sq", "graft_steps")  # state kept in fp32 whatever the parameter's dtype (as F and the momentum)
@@ -53,10 +60,13 @@ class StepSize:
     graft: str | None = None
     kl_clip: float | None = None
     stat_warmup: int = 0
+    graft_scope: str = "parameter"
 
     def __post_init__(self) -> None:
         if self.graft not in GRAFTS:
             raise ValueError(f"graft={self.graft!r} must be one of {GRAFTS}")
+        if self.graft_scope not in GRAFT_SCOPES:
+            raise ValueError(f"graft_scope={self.graft_scope!r} must be one of {GRAFT_SCOPES}")
         k = self.kl_clip
         if k is not None and (isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k < float("inf")):
             raise ValueError(f"kl_clip={k!r} must be None or a finite number > 0")
@@ -96,11 +106,10 @@ class StepSize:
             state = states[p]
             g = ref.to_blocks(layout.matrix(p.grad.contiguous()).float(), layout.b)
             d, _ = ref.damped_block_solve(state["F"], g, group["damping"])
-            d_norm = torch.linalg.vector_norm(d).clamp_min(1e-30)
+            d_norm = self._norm(d).clamp_min(1e-30)
             s = self._graft_scale(p, state, g, d_norm, group["momentum"], skip[p.device])
             if self.kl_clip is not None:
-                gd = (g * d).sum() if s is None else (g * d).sum() * s * s
-                kl_terms.append((gd * (lr * lr)).clamp_min(0.0))
+                kl_terms.append((self._quadratic(g, d, s) * (lr * lr)).clamp_min(0.0))
             scales.append(s)
         if self.kl_clip is not None:
             device = kl_terms[0].device
@@ -108,7 +117,19 @@ class StepSize:
             nu = torch.sqrt(self.kl_clip / total.clamp_min(1e-30)).clamp(max=1.0)
             scales = [(nu.to(e.param.device) if s is None else s * nu.to(e.param.device))
                       for s, e in zip(scales, entries)]
-        return {e.param: (e.param.grad.float() * s).to(e.param.grad.dtype) for s, e in zip(scales, entries)}
+        return {e.param: _scaled(e.param.grad, e.layout, s) for s, e in zip(scales, entries)}
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm of a blocked ``(n_blocks, b)`` tensor over the graft's scope: a scalar for the whole
+        parameter, a ``(n_blocks,)`` vector for ``graft_scope="block"``."""
+        return torch.linalg.vector_norm(x, dim=-1) if self.graft_scope == "block" else torch.linalg.vector_norm(x)
+
+    @staticmethod
+    def _quadratic(g: torch.Tensor, d: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+        """``sum_i s_i^2 g_i . d_i`` (``s``: None, one scale, or one per block)."""
+        if s is None or s.ndim == 0:
+            return (g * d).sum() if s is None else (g * d).sum() * s * s
+        return ((g * d).sum(-1) * s * s).sum()
 
     def _graft_scale(self, p: torch.Tensor, state: dict[str, Any], g: torch.Tensor, d_norm: torch.Tensor,
                      momentum: float, skip: torch.Tensor) -> torch.Tensor | None:
@@ -116,7 +137,7 @@ class StepSize:
         if self.graft is None:
             return None
         if self.graft == "sgd":
-            return torch.linalg.vector_norm(g) / d_norm
+            return self._norm(g) / d_norm
         if "graft_sq" not in state:  # Adam's second moment and its count of (unskipped) steps
             state["graft_sq"] = torch.zeros_like(g)
             state["graft_steps"] = torch.zeros((), dtype=torch.float32, device=g.device)
@@ -128,9 +149,18 @@ class StepSize:
         v_hat = v / (1 - GRAFT_BETA2 ** t1)
         adam = g / (v_hat.sqrt() + GRAFT_EPS)
         if momentum == 0.0:
-            return torch.linalg.vector_norm(adam) / d_norm
+            return self._norm(adam) / d_norm
         # momentum's bias correction: the buffer becomes m_hat_t = (1 - mu^(t-1)) / (1 - mu^t) m_hat_(t-1)
         # + (1 - mu) / (1 - mu^t) s d after the fused update's m <- mu m + (...) d
         buf = state["momentum_buffer"]
         buf.mul_(torch.where(skipped, torch.ones_like(t1), (1 - momentum ** (t1 - 1)) / (1 - momentum ** t1)))
-        return (1.0 - momentum) / (1 - momentum ** t1) * torch.linalg.vector_norm(adam) / d_norm
+        return (1.0 - momentum) / (1 - momentum ** t1) * self._norm(adam) / d_norm
+
+
+def _scaled(grad: torch.Tensor, layout: Any, s: torch.Tensor) -> torch.Tensor:
+    """``s * grad`` in the gradient's dtype; a per-block ``s`` (``(n_blocks,)``) multiplies each mini-block's
+    entries through the layout's to/from-blocks mapping."""
+    if s.ndim == 0:
+        return (grad.float() * s).to(grad.dtype)
+    blocks = ref.to_blocks(layout.matrix(grad.contiguous()).float(), layout.b) * s[:, None]
+    return ref.from_blocks(blocks, layout.rows, layout.cols).reshape(grad.shape).to(grad.dtype)

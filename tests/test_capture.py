@@ -359,45 +359,64 @@ def test_deepcopy_and_pickle_of_the_optimizer_and_the_hooked_model():
 
 
 # ---------------------------------------------------------------- AMP
-def _amp_run(use_scaler: bool, inf_at: int | None = None):
+def _amp_run(use_scaler: bool, inf_at: int | None = None, clip: float | None = None, steps: int = 4):
+    """``steps`` steps under a GradScaler (or without one: the reference); ``clip``: unscale_ then clip the gradient
+    norm, the recipe of torch's AMP docs (the reference clips its own gradients the same way)."""
     torch.manual_seed(13)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.LayerNorm(6), nn.Linear(6, 3))
     opt = MBF(model, lr=0.05, damping=1e-2, stat_every=2, backend="torch")
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=use_scaler)
     gen = torch.Generator().manual_seed(0)
-    for step in range(4):
+    for step in range(steps):
         x, y = torch.randn(8, 4, generator=gen), torch.randn(8, 3, generator=gen)
         opt.zero_grad()
         loss = mse(model(x), y)
         if step == inf_at:
             loss = loss * float("inf")
         scaler.scale(loss).backward()
+        if clip is not None:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         scaler.step(opt)
         scaler.update()
     return model, opt
 
 
-def test_grad_scaler_gives_the_unscaled_run():
-    ref_model, ref_opt = _amp_run(False)
-    model, opt = _amp_run(True)
+@pytest.mark.parametrize("clip", [None, 0.05], ids=["step", "unscale_clip_step"])
+def test_grad_scaler_gives_the_unscaled_run(clip):
+    ref_model, ref_opt = _amp_run(False, clip=clip)
+    model, opt = _amp_run(True, clip=clip)
     for (name, p), q in zip(ref_model.named_parameters(), model.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7, msg=name)
         torch.testing.assert_close(opt.state[q]["F"], ref_opt.state[p]["F"], rtol=1e-5, atol=1e-12, msg=name)
 
 
+def test_grad_scaler_unscale_then_clip_clips_the_step_not_the_statistics():
+    """The clip acts on the step; F comes from the unclipped, unscaled per-sample gradients."""
+    clipped, clipped_opt = _amp_run(True, clip=1e-4, steps=1)
+    free, free_opt = _amp_run(False, steps=1)
+    for (name, p), q in zip(free.named_parameters(), clipped.parameters()):
+        torch.testing.assert_close(clipped_opt.state[q]["F"], free_opt.state[p]["F"], rtol=1e-5, atol=1e-12,
+                                   msg=name)
+    moved = [(q - p).norm() / (p - mlp_init).norm() for p, q, mlp_init in
+             zip(free.parameters(), clipped.parameters(), _amp_run(False, steps=0)[0].parameters())]
+    assert all(m > 0.5 for m in moved)  # the clipped step is much shorter than the free one
+
+
 def test_grad_scaler_found_inf_skips_the_step_on_the_device():
     model, opt = _amp_run(True, inf_at=1)
     assert opt.skipped_steps == 1 and opt.steps == 3
+    model, opt = _amp_run(True, inf_at=1, clip=0.05)
+    assert opt.skipped_steps == 1 and opt.steps == 3
 
 
-def test_grad_scaler_unscale_before_step_is_refused_clearly():
+def test_found_inf_without_a_scale_outside_grad_scaler_is_refused_clearly():
     model = mlp(4, 3).float()
     opt = MBF(model, backend="torch")
-    scaler = torch.amp.GradScaler("cpu")
-    scaler.scale(model(torch.randn(2, 4)).sum()).backward()
-    scaler.unscale_(opt)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.found_inf = torch.zeros(())
     with pytest.raises(RuntimeError, match="unscale_"):
-        scaler.step(opt)
+        opt.step()
 
 
 # ---------------------------------------------------------------- bad input

@@ -116,13 +116,14 @@ def test_torch_backend_reuses_factors_until_f_changes():
         assert len(calls) == 3
 
 
-def test_default_schedule_matches_fresh_factors_bit_for_bit():
+@pytest.mark.parametrize("graft", [None, "adam"])
+def test_default_schedule_matches_fresh_factors_bit_for_bit(graft):
     """MBF with stat_every=3 on the torch path: reused factors give the same parameters as a backend that
-    refactors every step."""
+    refactors every step (grafted: the directions' factors, joined into the update's, included)."""
     def run(reuse: bool) -> list[torch.Tensor]:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
-        opt = MBF(model, lr=0.1, damping=1e-2, stat_every=3, backend="torch")
+        opt = MBF(model, lr=0.1, damping=1e-2, stat_every=3, backend="torch", graft=graft)
         backend = TorchBackend()
         backend.reuse_factors = reuse
         for i in range(7):
@@ -138,3 +139,4 @@ def test_default_schedule_matches_fresh_factors_bit_for_bit():
 
     for a, b in zip(run(True), run(False)):
         assert torch.equal(a, b)
+

@@ -84,17 +84,19 @@ def test_graft_adam_gives_every_parameter_adams_step_norm_along_mbfs_direction()
             assert ratios.max() > 2 * ratios.min(), ratios
 
 
-def test_graft_sgd_step_norm_is_lr_times_the_gradient_norm():
+@pytest.mark.parametrize("scope", ["parameter", "block"])  # equal block norms make equal parameter norms
+def test_graft_sgd_step_norm_is_lr_times_the_gradient_norm(scope):
     m = model()
-    opt = MBF(m, **BASE, graft="sgd")
+    opt = MBF(m, **BASE, graft="sgd", graft_scope=scope)
     for i in range(3):
         grads, deltas = step(m, opt, i)
         torch.testing.assert_close(norms(deltas), BASE["lr"] * norms(grads), **TOL)
 
 
-def test_graft_with_momentum_is_adams_bias_corrected_first_moment_in_norm():
+@pytest.mark.parametrize("scope", ["parameter", "block"])
+def test_graft_with_momentum_is_adams_bias_corrected_first_moment_in_norm(scope):
     m = model()
-    opt = MBF(m, **{**BASE, "momentum": 0.9}, graft="adam")
+    opt = MBF(m, **{**BASE, "momentum": 0.9}, graft="adam", graft_scope=scope)
     # first step: m = (1 - 0.9) s d at lr / (1 - 0.9): Adam's first step, lr * g / (|g| + eps)
     grads, deltas = step(m, opt, 0)
     adam = [g / (g.abs() + GRAFT_EPS) for g in grads]
@@ -102,6 +104,69 @@ def test_graft_with_momentum_is_adams_bias_corrected_first_moment_in_norm():
     # second step: lr / (1 - 0.9^2) * (0.9 m_1 + 0.1 s_2 d_2): a convex combination, no longer than lr * max
     _, deltas2 = step(m, opt, 1)
     assert (norms(deltas2) <= BASE["lr"] * norms(adam) * 1.5).all()
+
+
+def blocks64(t: torch.Tensor, rows: int, cols: int, b: int) -> torch.Tensor:
+    """``t`` as its ``(rows, cols)`` matrix cut into ``(rows * chunks, b)`` mini-blocks, zero-padded (float64)."""
+    chunks = -(-cols // b)
+    out = torch.zeros(rows, chunks * b, dtype=torch.float64)
+    out[:, :cols] = t.reshape(rows, cols).double()
+    return out.reshape(rows * chunks, b)
+
+
+def unpacked64(f: torch.Tensor, b: int) -> torch.Tensor:
+    """Packed lower triangles ``(n, b(b+1)/2)`` (row by row) -> symmetric ``(n, b, b)`` float64."""
+    i, j = torch.tril_indices(b, b)
+    full = torch.zeros(f.shape[0], b, b, dtype=torch.float64)
+    full[:, i, j] = f.double()
+    full[:, j, i] = f.double()
+    return full
+
+
+@pytest.mark.parametrize("kl_clip", [None, 1e-9])
+def test_graft_block_scope_gives_every_mini_block_adams_step_norm(kl_clip):
+    """Independent float64 computation: ``s_i = ||a_i|| / ||d_i||`` per mini-block with ``a`` Adam's step
+    (beta1 = 0) and ``d_i = (F_i + damping I)^{-1} g_i`` from the ``F`` the step used (stat_every=1), then
+    K-FAC's ``nu`` over ``sum_i lr^2 s_i^2 g_i . d_i``; the update is ``-lr nu s_i d_i``."""
+    m = model()
+    opt = MBF(m, **BASE, graft="adam", graft_scope="block", kl_clip=kl_clip)
+    lr, damping = BASE["lr"], BASE["damping"]
+    v = [torch.zeros_like(p) for p in m.parameters()]
+    clipped = []
+    for i in range(3):
+        grads, deltas = step(m, opt, i)
+        expected, quad = [], torch.zeros((), dtype=torch.float64)
+        for k, (p, g) in enumerate(zip(m.parameters(), grads)):
+            v[k] = GRAFT_BETA2 * v[k] + (1 - GRAFT_BETA2) * g * g
+            adam = g / ((v[k] / (1 - GRAFT_BETA2 ** (i + 1))).sqrt() + GRAFT_EPS)
+            lay = opt.layout(p)
+            gb, ab = (blocks64(t, lay.rows, lay.cols, lay.b) for t in (g, adam))
+            f = unpacked64(opt.state[p]["F"], lay.b) + damping * torch.eye(lay.b, dtype=torch.float64)
+            d = torch.linalg.solve(f, gb.unsqueeze(-1)).squeeze(-1)
+            s = ab.norm(dim=1) / d.norm(dim=1)
+            quad = quad + (lr * lr * s * s * (gb * d).sum(1)).sum()
+            expected.append((s[:, None] * d).reshape(lay.rows, -1)[:, :lay.cols].reshape(p.shape))
+            if lay.kind == "diag":  # 1x1 blocks: Adam's step exactly
+                torch.testing.assert_close(expected[-1], adam, rtol=1e-9, atol=1e-12)
+            elif lay.kind == "linear" and lay.cols > lay.b:  # the scale differs from block to block
+                assert s.max() > 1.5 * s.min(), s
+        nu = 1.0 if kl_clip is None else min(1.0, (kl_clip / quad.item()) ** 0.5)
+        clipped.append(nu < 1)
+        for delta, e in zip(deltas, expected):  # fp32 curvature: small entries to 1e-6 of the largest
+            torch.testing.assert_close(delta, -lr * nu * e, rtol=2e-5, atol=1e-6 * lr * e.abs().max().item())
+    assert all(clipped) if kl_clip is not None else not any(clipped)
+
+
+def test_graft_block_and_parameter_scopes_differ_only_inside_multi_entry_blocks():
+    m_p, m_b = model(), model()
+    o_p = MBF(m_p, **BASE, graft="adam", graft_scope="parameter")
+    o_b = MBF(m_b, **BASE, graft="adam", graft_scope="block")
+    _, d_p = step(m_p, o_p, 0)
+    _, d_b = step(m_b, o_b, 0)
+    for p, a, b in zip(m_p.parameters(), d_p, d_b):
+        torch.testing.assert_close(a.norm(), b.norm(), **TOL)  # both have Adam's norm per parameter
+        if o_p.layout(p).b > 1:
+            assert not torch.allclose(a, b, rtol=1e-3, atol=0)  # different directions
 
 
 @pytest.mark.parametrize("graft", [None, "sgd"])
@@ -138,9 +203,10 @@ def test_stat_warmup_takes_statistics_at_every_early_step():
     assert counts == [1, 2, 3] + [3] * 9 + [4, 4]
 
 
-def test_a_skipped_first_step_is_as_if_it_never_happened():
+@pytest.mark.parametrize("scope", ["parameter", "block"])
+def test_a_skipped_first_step_is_as_if_it_never_happened(scope):
     """Adam's statistics and the momentum's bias correction count unskipped steps, on the device."""
-    kw = dict(BASE, momentum=0.9, graft="adam", kl_clip=1e-3)  # stat_every=1: the same statistics steps
+    kw = dict(BASE, momentum=0.9, graft="adam", kl_clip=1e-3, graft_scope=scope)  # stat_every=1: same statistics steps
     m, clean = model(), model()
     opt, ref_opt = MBF(m, **kw), MBF(clean, **kw)
     x, y = batch(0)
@@ -157,9 +223,10 @@ def test_a_skipped_first_step_is_as_if_it_never_happened():
         assert torch.equal(opt.state[p]["graft_steps"], ref_opt.state[q]["graft_steps"])
 
 
-def test_skipped_step_leaves_graft_state_untouched():
+@pytest.mark.parametrize("scope", ["parameter", "block"])
+def test_skipped_step_leaves_graft_state_untouched(scope):
     m = model()
-    opt = MBF(m, **BASE, graft="adam", kl_clip=1e-3)
+    opt = MBF(m, **BASE, graft="adam", kl_clip=1e-3, graft_scope=scope)
     step(m, opt, 0)
     saved = {p: (opt.state[p]["graft_sq"].clone(), opt.state[p]["graft_steps"].clone()) for p in m.parameters()}
     before = [p.detach().clone() for p in m.parameters()]
@@ -176,8 +243,9 @@ def test_skipped_step_leaves_graft_state_untouched():
     assert all(torch.isfinite(p).all() for p in m.parameters())
 
 
-def test_graft_state_roundtrips_through_a_checkpoint():
-    kw = dict(BASE, momentum=0.9, graft="adam", kl_clip=1e-2, stat_every=2, stat_warmup=1)
+@pytest.mark.parametrize("scope", ["parameter", "block"])
+def test_graft_state_roundtrips_through_a_checkpoint(scope):
+    kw = dict(BASE, momentum=0.9, graft="adam", kl_clip=1e-2, stat_every=2, stat_warmup=1, graft_scope=scope)
     m = model()
     opt = MBF(m, **kw)
     for i in range(3):
@@ -201,15 +269,18 @@ def test_graft_state_roundtrips_through_a_checkpoint():
 @pytest.mark.parametrize("kw, match", [
     ({"graft": "lion"}, "graft"), ({"kl_clip": 0.0}, "kl_clip"), ({"kl_clip": float("inf")}, "kl_clip"),
     ({"kl_clip": True}, "kl_clip"), ({"stat_warmup": -1}, "stat_warmup"), ({"stat_warmup": 1.5}, "stat_warmup"),
+    ({"graft_scope": "layer"}, "graft_scope"), ({"graft_scope": None}, "graft_scope"),
 ])
 def test_invalid_stepsize_arguments_raise_value_error(kw, match):
     with pytest.raises(ValueError, match=match):
         MBF(model(), **kw)
 
 
-def test_triton_backend_makes_the_same_scaled_steps():
+@pytest.mark.parametrize("scope", ["parameter", "block"])
+def test_triton_backend_makes_the_same_scaled_steps(scope):
     device = kernel_device()
-    kw = dict(BASE, momentum=0.9, weight_decay=1e-2, graft="adam", kl_clip=1e-4, stat_every=2, stat_warmup=1)
+    kw = dict(BASE, momentum=0.9, weight_decay=1e-2, graft="adam", kl_clip=1e-4, stat_every=2, stat_warmup=1,
+              graft_scope=scope)
     runs = []
     for backend in ("torch", "triton"):
         m = model(dtype=torch.float32).to(device)
@@ -235,6 +306,8 @@ def test_rescaled_steps_refuse_sharded_curvature():
     for mode in ("sharded", "fsdp"):
         with pytest.raises(ValueError, match="replicated DDP"):
             StepSize(graft="adam").checked(DP(mode))
+        with pytest.raises(ValueError, match="replicated DDP"):  # per-block norms too (they would need the rows)
+            StepSize(graft="adam", graft_scope="block").checked(DP(mode))
         StepSize(graft=None, stat_warmup=2).checked(DP(mode))  # the paper's step is fine everywhere
     StepSize(graft="adam", kl_clip=1e-3).checked(DP("replicated"))
     StepSize(graft="adam").checked(None)

@@ -142,3 +142,24 @@ def test_no_recompilation_after_the_first_steps():
     steps(7)
     torch.cuda.synchronize()
     assert variants() == before
+
+
+@pytest.mark.parametrize("b,rows,cols", [(1, 3, 5), (4, 5, 8), (9, 4, 9), (16, 3, 35), (5, 4, 7)])
+def test_direction_is_the_damped_solve_on_both_backends(b, rows, cols):
+    """``direction`` (what the step-size options take norms of) equals the float64 damped solve on both
+    backends: torch through its (cached) factor, Triton through the fused update's kernel; tail chunks and
+    a block that is not positive definite (the diagonal fallback) included."""
+    from mbf_triton import backends
+    from mbf_triton import reference as ref
+
+    gen = torch.Generator().manual_seed(b)
+    x, gout = torch.randn(48, cols, generator=gen), torch.randn(48, rows, generator=gen)
+    f = ref.linear_fisher(x, gout, b, 1.0).float()  # a real statistic: zeros where a tail chunk is padded
+    f[0] = -f[0]  # not positive definite
+    g = torch.randn(rows, cols, generator=gen)
+    want, fallback = ref.damped_block_solve(f.double(), ref.to_blocks(g.double(), b), 1e-2)
+    assert b == 1 or fallback[0]
+    device = kernel_device()
+    for backend in (backends.TorchBackend(), backends.TritonBackend()):
+        d = backend.direction(f.to(device), g.to(device), b=b, damping=1e-2)
+        torch.testing.assert_close(d.double().cpu(), want, rtol=1e-4, atol=1e-6, msg=backend.name)
