@@ -425,8 +425,8 @@ def test_variant_validation_and_defaults():
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter: division by a bad pivot
-@pytest.mark.parametrize(("b", "dtype"), [(17, torch.float16), (25, torch.bfloat16), (27, torch.float32),
-                                          (32, torch.float32), (64, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize(("b", "dtype"), [(5, torch.float32), (17, torch.float16), (25, torch.bfloat16),
+                                          (27, torch.float32), (32, torch.float32), (64, torch.bfloat16)], ids=str)
 def test_rows_variant_matches_reference_with_tails_and_fallbacks(b, dtype):
     """Tails (every row's second chunk is short), three rows of the gradient matrix (row stride ``2b - 1``),
     an indefinite block, a NaN off-diagonal entry and an infinite last pivot (diagonal fallbacks, counted),
