@@ -233,7 +233,9 @@ def default_variant(b: int) -> str:
 def rows_lanes(b: int) -> int:
     """Lanes per mini-block of the ``"rows"`` variant (``K``): each lane holds ``ceil(b / K)`` rows of
     ``K * s + K`` columns (slot ``s``), about ``b^2 / (2K)`` registers; more lanes cost ``log2 K`` shuffles
-    per broadcast. The model's pick (perf/NOTES.md)."""
+    per broadcast. 4 up to b = 28 (109 values at b = 25: 255 registers, no spill), 8 up to 40 (b = 32:
+    80 values, 255 registers, no spill; K = 4 there, 144 values, was not compiled to the end), 32 above
+    (not modelled). See perf/NOTES.md."""
     return 2 if b <= 8 else (4 if b <= 28 else (8 if b <= 40 else 32))
 
 
