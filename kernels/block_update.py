@@ -42,15 +42,17 @@ import triton.language as tl
 
 from ._common import keep_step, skip_args
 from .lane_solve import _lane_solve_and_update
+from .multilane_solve import _rows_solve_and_update
 
-__all__ = ["LANE_MAX_B", "MAX_BLOCK_SIZE", "VARIANTS", "damped_block_update_", "default_launch_config",
-           "default_variant", "grouped_block_update_", "lane_log_chunk"]
+__all__ = ["LANE_MAX_B", "MAX_BLOCK_SIZE", "ROWS_MAX_B", "VARIANTS", "damped_block_update_", "default_launch_config",
+           "default_variant", "grouped_block_update_", "lane_log_chunk", "rows_lanes"]
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_BLOCK_SIZE = 64  # the register tile holds B_PAD^2 floats per block; larger b use the torch path
 _MAX_B = MAX_BLOCK_SIZE
 LANE_MAX_B = 16  # the lane variant holds b(b+1)/2 + 2b values per lane: 255 registers at b = 16
-VARIANTS = ("tile", "lane")
+ROWS_MAX_B = 32  # the rows variant was modelled up to here (it runs for any b >= 2; not a default: compile time)
+VARIANTS = ("tile", "lane", "rows")
 _RUNTIME_SCALARS = ["damping", "lr", "momentum", "weight_decay"]
 
 
@@ -153,7 +155,7 @@ def _damped_block_update_kernel(
     n_blocks, n_chunks, cols,
     damping, lr, momentum, weight_decay,
     B: tl.constexpr, B_PAD: tl.constexpr, T: tl.constexpr, BLOCKS: tl.constexpr, HAS_SKIP: tl.constexpr,
-    LANE: tl.constexpr = False, LOG_CHUNK: tl.constexpr = 5,
+    LANE: tl.constexpr = False, LOG_CHUNK: tl.constexpr = 5, LANES: tl.constexpr = 0,
 ):
     pid = tl.program_id(0).to(tl.int64)
     blk = pid * BLOCKS + tl.arange(0, BLOCKS)  # (BLOCKS,) int64
@@ -161,6 +163,11 @@ def _damped_block_update_kernel(
         n_fallback = _lane_solve_and_update(
             f_ptr, g_ptr, p_ptr, m_ptr, pid * BLOCKS, n_blocks, keep_step(skip_ptr, HAS_SKIP), n_chunks, cols,
             damping, lr, momentum, weight_decay, B, T, BLOCKS, LOG_CHUNK,
+        )
+    elif LANES > 0:
+        n_fallback = _rows_solve_and_update(
+            f_ptr, g_ptr, p_ptr, m_ptr, pid * BLOCKS, n_blocks, keep_step(skip_ptr, HAS_SKIP), n_chunks, cols,
+            damping, lr, momentum, weight_decay, B, T, BLOCKS, LANES, LOG_CHUNK,
         )
     else:
         n_fallback = _solve_and_update(
@@ -175,7 +182,7 @@ def _grouped_block_update_kernel(
     table_ptr, work_ptr, proto_ptr, count_ptr, skip_ptr,
     damping, lr, momentum, weight_decay,
     B: tl.constexpr, B_PAD: tl.constexpr, T: tl.constexpr, BLOCKS: tl.constexpr, HAS_SKIP: tl.constexpr,
-    LANE: tl.constexpr = False, LOG_CHUNK: tl.constexpr = 5,
+    LANE: tl.constexpr = False, LOG_CHUNK: tl.constexpr = 5, LANES: tl.constexpr = 0,
 ):
     # Many parameters with the same b in one launch (as torch's foreach optimizers do): program ``pid``
     # takes BLOCKS mini-blocks of parameter ``work[pid, 0]`` from block ``work[pid, 1]`` on. Row ``t`` of
@@ -196,6 +203,12 @@ def _grouped_block_update_kernel(
             tl.load(row + 5),
             tl.load(row + 6), damping, lr, momentum, weight_decay, B, T, BLOCKS, LOG_CHUNK,
         )
+    elif LANES > 0:
+        n_fallback = _rows_solve_and_update(
+            f_ptr, g_ptr, p_ptr, m_ptr, tl.multiple_of(first, BLOCKS), n_blocks, keep_step(skip_ptr, HAS_SKIP),
+            tl.load(row + 5), tl.load(row + 6), damping, lr, momentum, weight_decay, B, T, BLOCKS, LANES,
+            LOG_CHUNK,
+        )
     else:
         n_fallback = _solve_and_update(
             f_ptr, g_ptr, p_ptr, m_ptr, blk, blk < n_blocks, keep_step(skip_ptr, HAS_SKIP), tl.load(row + 5),
@@ -207,9 +220,24 @@ def _grouped_block_update_kernel(
 def default_variant(b: int) -> str:
     """The kernel variant for block size ``b`` without a GPU timing: ``"lane"`` (one mini-block per lane,
     unrolled scalar code) for ``2 <= b <= LANE_MAX_B``, else ``"tile"``. Chosen by ``perf/kernel_model.py``
-    (a static model of the sm_90 SASS, calibrated on H100 timings of a probe kernel; see perf/NOTES.md):
-    a model prediction, to be replaced by the autotuner's timings on a GPU."""
+    (a static model of the sm_90 SASS, calibrated on H100 timings of a probe kernel; see perf/NOTES.md): a
+    model prediction, to be replaced by the autotuner's timings on a GPU.
+
+    ``"rows"`` (a few lanes per block) is predicted 7-16x faster than tile at b = 25 and 32 (ROWS_MAX_B is
+    as far as it was modelled) but is not a default, nor a tuner candidate: its fully unrolled code took
+    1-5 minutes (triton 3.6) and 10-30 minutes (triton 3.9) per configuration to compile on the 2-core
+    development machine, a stall at the first step of every model with such blocks. Pass ``variant="rows"``
+    to the launchers (perf/bench_solve.py times it)."""
     return "lane" if 2 <= b <= LANE_MAX_B else "tile"
+
+
+def rows_lanes(b: int) -> int:
+    """Lanes per mini-block of the ``"rows"`` variant (``K``): each lane holds ``ceil(b / K)`` rows of
+    ``K * s + K`` columns (slot ``s``), about ``b^2 / (2K)`` registers; more lanes cost ``log2 K`` shuffles
+    per broadcast. 4 up to b = 28 (109 values at b = 25: 255 registers, no spill), 8 up to 40 (b = 32:
+    80 values, 255 registers, no spill; K = 4 there, 144 values, was not compiled to the end), 32 above
+    (not modelled). See perf/NOTES.md."""
+    return 2 if b <= 8 else (4 if b <= 28 else (8 if b <= 40 else 32))
 
 
 def lane_log_chunk(b: int) -> int:
@@ -238,6 +266,8 @@ def default_launch_config(b: int, variant: str | None = None) -> tuple[int, int]
     if variant == "lane":
         warps = 8 if b >= 13 else 4
         return 32 * warps, warps
+    if variant == "rows":
+        return 32 * 4 // rows_lanes(b), 4
     b_pad = triton.next_power_of_2(b)
     num_warps = 4 if b_pad <= 16 else (8 if b_pad <= 32 else 16)
     return max(1, (8 * 32 * num_warps) // (b_pad * b_pad)), num_warps
@@ -306,6 +336,8 @@ def _check_variant(b: int, variant: str | None) -> str:
         raise ValueError(f"variant={variant!r} must be one of {VARIANTS}")
     if variant == "lane" and b > LANE_MAX_B:
         raise ValueError(f"variant='lane' supports b <= {LANE_MAX_B} (registers), got b={b}")
+    if variant == "rows" and b < 2:
+        raise ValueError("variant='rows' supports b >= 2, got b=1")
     return variant
 
 
@@ -322,7 +354,8 @@ def _launch_options(b, blocks_per_program, num_warps, num_stages, variant):
             raise ValueError(f"num_stages={num_stages!r} must be an int >= 1")
         launch["num_stages"] = num_stages
     if b > 1:
-        launch.update(LANE=variant == "lane", LOG_CHUNK=lane_log_chunk(b) if variant == "lane" else 0)
+        launch.update(LANE=variant == "lane", LOG_CHUNK=lane_log_chunk(b) if variant == "lane" else 5,
+                      LANES=rows_lanes(b) if variant == "rows" else 0)
     return blocks, launch
 
 

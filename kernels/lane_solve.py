@@ -80,6 +80,20 @@ def _store_row(ptr, off, vals, N: tl.constexpr, limit, mask, BLOCKS: tl.constexp
 
 
 @triton.jit
+def _finish(x, m, p, ok, fb, fdiag_ptr, gi_ptr, gmask, damping, lr, momentum, weight_decay):
+    """The end of the fused step for one entry of the direction (any shape): the solution ``x`` where the
+    factorisation succeeded (``ok``), else the diagonal fallback ``g / (max(F_ii, 0) + damping)`` (max that
+    keeps a NaN, as torch.clamp does), with ``F_ii`` and ``g`` reloaded only where ``fb`` (no traffic in the
+    common case, and neither stays live through the factorisation); then momentum, decoupled weight decay and
+    the step. Returns ``(new momentum, new parameter)`` in fp32."""
+    fd = tl.load(fdiag_ptr, mask=fb, other=1.0)
+    gi = tl.load(gi_ptr, mask=fb & gmask, other=0.0).to(tl.float32)
+    d = tl.where(ok, x, gi / (tl.where(fd < 0.0, 0.0, fd) + damping))
+    mi = m * momentum + d
+    return mi, p * (1.0 - lr * weight_decay) - lr * mi
+
+
+@triton.jit
 def _lane_solve_and_update(
     f_ptr, g_ptr, p_ptr, m_ptr, blk0, n_blocks, keep, n_chunks, cols,
     damping, lr, momentum, weight_decay,
@@ -135,18 +149,14 @@ def _lane_solve_and_update(
     tl.debug_barrier()
     m = _load_row(m_ptr, voff, B, vlim, valid, BLOCKS, LOG_CHUNK)
     p = _load_row(p_ptr, voff, B, vlim, valid, BLOCKS, LOG_CHUNK)
-    # The diagonal fallback reloads diag(F) and g only in the lanes that fall back (no traffic otherwise),
-    # so that neither stays live in registers through the factorisation.
     fb = valid & ~ok
     new_m = ()
     new_p = ()
     for i in tl.static_range(B):
-        fd = tl.load(f_base + f_off + i * (i + 3) // 2, mask=fb, other=1.0)
-        gi = tl.load(g_ptr + voff + i, mask=fb & (i < vlim), other=0.0).to(tl.float32)
-        d = tl.where(ok, xr[B - 1 - i], gi / (tl.where(fd < 0.0, 0.0, fd) + damping))
-        mi = m[i] * momentum + d
+        mi, pi = _finish(xr[B - 1 - i], m[i], p[i], ok, fb, f_base + f_off + i * (i + 3) // 2, g_ptr + voff + i,
+                         i < vlim, damping, lr, momentum, weight_decay)
         new_m = new_m + (mi,)
-        new_p = new_p + (p[i] * (1.0 - lr * weight_decay) - lr * mi,)
+        new_p = new_p + (pi,)
     store = tl.where(keep, valid, False)
     _store_row(m_ptr, voff, new_m, B, vlim, store, BLOCKS, LOG_CHUNK)
     _store_row(p_ptr, voff, new_p, B, vlim, store, BLOCKS, LOG_CHUNK)

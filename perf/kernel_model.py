@@ -49,6 +49,10 @@ Usage::
     python perf/kernel_model.py            # calibration, every solve variant and b, the summary line
     python perf/kernel_model.py --quick    # b = 9 only, no calibration (CI smoke)
 
+The ``"rows"`` variant is modelled for ``17 <= b <= MBF_MODEL_ROWS_MAX_B`` (default 32): its fully unrolled
+code takes 10-30 minutes per configuration to compile on this project's small shared CPU (triton's layout
+rematerialisation pass), and b = 64 did not finish here.
+
 Calibrate with the triton that timed the probe (3.6.0; the SASS of one kernel differs a lot between
 versions), e.g. ``pip install --target /tmp/t36 --no-deps triton==3.6.0`` and
 ``PYTHONPATH=/tmp/t36 python perf/kernel_model.py --calibration-only``. Compiled SASS is cached in
@@ -73,7 +77,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import resource_report as rr  # noqa: E402  (sibling script: compiling for sm_90 and cuobjdump)
+import resource_report as rr  # noqa: E402,I001  (sibling script: compiling for sm_90 and cuobjdump)
+from access_patterns import chunk_widths, floor_bytes, l1_cost_per_block, tril  # noqa: E402,F401
+from access_patterns import lane_l1_lines, rows_l1_lines  # noqa: E402  (L1 cost of each variant's accesses)
 
 PROBE_TRITON = "3.6.0"  # the triton version of the H100 probe timings (h100_probe.csv header)
 CALIBRATION_DIR = Path(os.environ.get("MBF_CALIBRATION_DIR", ROOT.parent / "shared" / "calibration"))
@@ -383,77 +389,11 @@ def calibrate(min_blocks: int = 10**5) -> list[dict]:
     return rows
 
 
-# ------------------------------------------------------------------------------------------ access patterns
-def _lines_per_request(addrs: list[int], line: int = 128) -> tuple[int, int]:
-    """Distinct 128-byte lines and 32-byte sectors that one warp request (32 byte addresses) touches."""
-    return len({a // line for a in addrs}), len({a // 32 for a in addrs})
-
-
-def chunk_widths(n: int, log_chunk: int) -> list[int]:
-    """The power-of-two column chunks :func:`kernels.lane_solve._load_row` loads ``n`` entries in."""
-    w = 1 << log_chunk
-    return [w] * (n // w) + [1 << bit for bit in range(log_chunk - 1, -1, -1) if (n >> bit) & 1]
-
-
-def l1_cost_per_block(pattern: str, n: int, stride: int, blocks: int = 4096, log_chunk: int = 5) -> tuple[float, float]:
-    """(L1 lines, sectors) per mini-block for reading ``n`` fp32 entries of each block, blocks ``stride``
-    entries apart, by 32-lane warp requests, simulated over ``blocks`` consecutive blocks:
-
-    * ``"rows"``: one mini-block per lane, one load per entry (lane l reads block l's entry k);
-    * ``"chunks"``: :func:`kernels.lane_solve._load_row`: a ``[BLOCKS, W]`` tile per power-of-two chunk,
-      lanes along the W columns first (``min(W, 32)`` lanes per row), one fp32 each;
-    * ``"interleaved"``: the tri-major layout ``(n, n_blocks)``: lane l reads entry k of block l, which sits
-      next to block l+1's entry k."""
-    lines = sectors = 0
-    if pattern == "interleaved":
-        for k in range(n):
-            for w0 in range(0, blocks, 32):
-                ln, sc = _lines_per_request([4 * (k * blocks + w0 + lane) for lane in range(32)])
-                lines, sectors = lines + ln, sectors + sc
-    elif pattern == "rows":
-        for k in range(n):
-            for w0 in range(0, blocks, 32):
-                ln, sc = _lines_per_request([4 * ((w0 + lane) * stride + k) for lane in range(32)])
-                lines, sectors = lines + ln, sectors + sc
-    elif pattern == "chunks":
-        start = 0
-        for w in chunk_widths(n, log_chunk):
-            lanes_per_row = min(w, 32)
-            rows_per_req = 32 // lanes_per_row
-            for c0 in range(0, w, lanes_per_row):
-                for r0 in range(0, blocks, rows_per_req):
-                    addrs = [4 * ((r0 + lane // lanes_per_row) * stride + start + c0 + lane % lanes_per_row)
-                             for lane in range(32)]
-                    ln, sc = _lines_per_request(addrs)
-                    lines, sectors = lines + ln, sectors + sc
-            start += w
-    else:
-        raise ValueError(pattern)
-    return lines / blocks, sectors / blocks
-
-
-def tril(b: int) -> int:
-    return b * (b + 1) // 2
-
-
-def floor_bytes(b: int) -> int:
-    """Bytes the fused solve + update must move per mini-block (fp32): packed F read, gradient read,
-    parameter and momentum read + write (as ``perf/bench_solve.py`` counts them)."""
-    return 4 * (tril(b) + 5 * b)
-
-
-def lane_l1_lines(b: int, f_pattern: str = "chunks", log_chunk: int = 5) -> float:
-    """L1 lines per mini-block of the lane variant: F (``f_pattern``), gradient, momentum and parameter
-    reads, momentum and parameter writes (the vectors of consecutive blocks are contiguous: stride b)."""
-    f_lines, _ = l1_cost_per_block(f_pattern, tril(b), tril(b), log_chunk=log_chunk)
-    v_lines, _ = l1_cost_per_block("chunks", b, b, log_chunk=log_chunk)
-    return f_lines + 5 * v_lines
-
-
 def block_update_config(variant: str, b: int, blocks: int | None = None, warps: int | None = None,
-                        log_chunk: int = 5) -> Config:
+                        log_chunk: int = 5, lanes: int | None = None) -> Config:
     """The single-parameter solve + update kernel (``_damped_block_update_kernel``) as launched for
-    ``variant`` ``"tile"`` (the register-tile kernel) or ``"lane"`` (one mini-block per lane)."""
+    ``variant`` ``"tile"`` (the register-tile kernel), ``"lane"`` (one mini-block per lane) or ``"rows"``
+    (``lanes`` lanes per block, default :func:`kernels.block_update.rows_lanes`)."""
     import triton
     from mbf_triton.kernels import block_update as bu
 
@@ -465,11 +405,17 @@ def block_update_config(variant: str, b: int, blocks: int | None = None, warps: 
         warps = warps or 4
         blocks = blocks or 32 * warps
         trips, l1 = (), lane_l1_lines(b, "chunks", log_chunk)
+    elif variant == "rows":
+        lanes = lanes or bu.rows_lanes(b)
+        warps = warps or 4
+        blocks = blocks or 32 * warps // lanes
+        trips, l1 = (), rows_l1_lines(b, lanes, log_chunk)
     else:
         raise ValueError(variant)
     constexprs = {"B": b, "B_PAD": triton.next_power_of_2(b), "T": tril(b), "BLOCKS": blocks, "HAS_SKIP": True,
-                  "LANE": variant == "lane", "LOG_CHUNK": log_chunk}
-    return Config(f"{variant} b={b} blocks={blocks} warps={warps}", bu._damped_block_update_kernel,
+                  "LANE": variant == "lane", "LOG_CHUNK": log_chunk, "LANES": lanes if variant == "rows" else 0}
+    name = f"{variant} b={b} blocks={blocks} warps={warps}" + (f" K={lanes}" if variant == "rows" else "")
+    return Config(name, bu._damped_block_update_kernel,
                   rr.BLOCK_UPDATE_SIG, constexprs, warps, blocks, floor_bytes(b), floor_bytes(b), trips, l1,
                   default_trip=b if variant == "tile" else None)
 
@@ -506,6 +452,7 @@ def print_calibration(rows: list[dict]) -> float:
     return worst
 
 
+ROWS_MAX_B = int(os.environ.get("MBF_MODEL_ROWS_MAX_B", "32"))  # rows above b = 32: hours to compile here
 SOLVE_EX_MS_1E6 = {9: 3.26, 16: 6.39, 32: 31.93}  # measured on the H100 (shared/calibration/README.md)
 N_BIG = 10**6
 
@@ -518,6 +465,9 @@ def solve_variants(b: int) -> list[Config]:
     if 2 <= b <= bu.LANE_MAX_B:
         blocks, warps = bu.default_launch_config(b, "lane")
         out.append(block_update_config("lane", b, blocks, warps, bu.lane_log_chunk(b)))
+    if bu.LANE_MAX_B < b <= ROWS_MAX_B:
+        blocks, warps = bu.default_launch_config(b, "rows")
+        out.append(block_update_config("rows", b, blocks, warps, 5, bu.rows_lanes(b)))
     return out
 
 
@@ -590,6 +540,16 @@ def main(argv: list[str] | None = None) -> int:
     bs = tuple(args.b or ((9,) if args.quick else (4, 9, 16, 25, 27, 32, 64)))
     print_layouts(tuple(b for b in bs if b <= 32))
     best = print_variants(bs)
+    mid = {b: p for b, p in best.items() if b in (25, 27, 32)}
+    if mid:
+        worst = max(p.ms(N_BIG) / p.floor_ms(N_BIG) for p in mid.values())
+        print("worst predicted/floor for b in {25,27,32}: " + f"{worst:.2f} ("
+              + ", ".join(f"b={b} {p.ms(N_BIG):.3f} ms" for b, p in mid.items()) + ")")
+    if 64 in best:
+        tile64 = predict(block_update_config("tile", 64)).ms(N_BIG)
+        p64 = best[64]
+        print(f"b=64: best {p64.config.name} {p64.ms(N_BIG):.3f} ms, {tile64 / p64.ms(N_BIG):.1f}x faster than the "
+              "tile kernel")
     small = [p.ms(N_BIG) / p.floor_ms(N_BIG) for b, p in best.items() if b <= 16]
     print(f"worst predicted/floor for b<=16: {max(small):.2f}" if small else "worst predicted/floor for b<=16: n/a")
     return 0

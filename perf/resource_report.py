@@ -37,13 +37,13 @@ BLOCK_UPDATE_SIG = {
     "n_blocks": "i32", "n_chunks": "i32", "cols": "i32",
     "damping": "fp32", "lr": "fp32", "momentum": "fp32", "weight_decay": "fp32",
     "B": "constexpr", "B_PAD": "constexpr", "T": "constexpr", "BLOCKS": "constexpr", "HAS_SKIP": "constexpr",
-    "LANE": "constexpr", "LOG_CHUNK": "constexpr",
+    "LANE": "constexpr", "LOG_CHUNK": "constexpr", "LANES": "constexpr",
 }
 GROUPED_SIG = {
     "table_ptr": "*i64", "work_ptr": "*i64", "proto_ptr": "*bf16", "count_ptr": "*i32", "skip_ptr": "*u8",
     "damping": "fp32", "lr": "fp32", "momentum": "fp32", "weight_decay": "fp32",
     "B": "constexpr", "B_PAD": "constexpr", "T": "constexpr", "BLOCKS": "constexpr", "HAS_SKIP": "constexpr",
-    "LANE": "constexpr", "LOG_CHUNK": "constexpr",
+    "LANE": "constexpr", "LOG_CHUNK": "constexpr", "LANES": "constexpr",
 }
 LINEAR_SIG = {
     "f_ptr": _F, "part_ptr": _F, "x_ptr": _F, "g_ptr": _F, "skip_ptr": "*u8", "M": "i32", "n_in": "i32", "n_out": "i32",
@@ -114,21 +114,30 @@ def rows(quick: bool) -> list[tuple[str, str, dict]]:
         b_pad = triton.next_power_of_2(b)
         r = resources(bu._damped_block_update_kernel, BLOCK_UPDATE_SIG,
                       {"B": b, "B_PAD": b_pad, "T": b * (b + 1) // 2, "BLOCKS": blocks, "LANE": False,
-                       "LOG_CHUNK": 5}, warps)
+                       "LOG_CHUNK": 5, "LANES": 0}, warps)
         out.append(("block_update", f"tile b={b} blocks={blocks} warps={warps}", r))
     for b in ((9,) if quick else (2, 4, 9, 13, 16)):  # the lane variant (one mini-block per lane)
         blocks, warps = bu.default_launch_config(b, "lane")
         r = resources(bu._damped_block_update_kernel, BLOCK_UPDATE_SIG,
                       {"B": b, "B_PAD": triton.next_power_of_2(b), "T": b * (b + 1) // 2, "BLOCKS": blocks,
-                       "LANE": True, "LOG_CHUNK": bu.lane_log_chunk(b)}, warps)
+                       "LANE": True, "LOG_CHUNK": bu.lane_log_chunk(b), "LANES": 0}, warps)
         out.append(("block_update", f"lane b={b} blocks={blocks} warps={warps}", r))
+    # the rows variant (a few lanes per block): minutes per config to compile (fully unrolled), so not in --quick
+    for b in (() if quick else (17, 25, 27, 32, 64)):
+        blocks, warps = bu.default_launch_config(b, "rows")
+        r = resources(bu._damped_block_update_kernel, BLOCK_UPDATE_SIG,
+                      {"B": b, "B_PAD": triton.next_power_of_2(b), "T": b * (b + 1) // 2, "BLOCKS": blocks,
+                       "LANE": False, "LOG_CHUNK": 5, "LANES": bu.rows_lanes(b)}, warps)
+        out.append(("block_update", f"rows b={b} blocks={blocks} warps={warps} K={bu.rows_lanes(b)}", r))
     for b, variant in (((1, "tile"), (9, "tile")) if quick else
-                       ((1, "tile"), (9, "tile"), (16, "tile"), (32, "tile"), (9, "lane"), (16, "lane"))):
+                       ((1, "tile"), (9, "tile"), (16, "tile"), (32, "tile"), (9, "lane"), (16, "lane"),
+                        (25, "rows"))):
         blocks, warps = bu.default_launch_config(b, variant)
         b_pad = triton.next_power_of_2(b)
         r = resources(bu._grouped_block_update_kernel, GROUPED_SIG,
                       {"B": b, "B_PAD": b_pad, "T": b * (b + 1) // 2, "BLOCKS": blocks, "LANE": variant == "lane",
-                       "LOG_CHUNK": bu.lane_log_chunk(b)}, warps)
+                       "LOG_CHUNK": bu.lane_log_chunk(b) if variant == "lane" else 5,
+                       "LANES": bu.rows_lanes(b) if variant == "rows" else 0}, warps)
         out.append(("grouped_block_update", f"{variant} b={b} blocks={blocks} warps={warps} bf16", r))
     for b, n_out, precision in (() if quick else ((9, 512, "ieee"), (16, 1000, "ieee"), (32, 256, "ieee"),
                                                    (64, 256, "ieee"), (16, 1000, "tf32x3"))):

@@ -71,7 +71,12 @@ def oracle_step(f, grad, param64, mom64, *, b, damping, lr, momentum, weight_dec
 
 def run_and_compare(f, grad, param, mom, *, b, damping=1e-2, lr=0.05, momentum=0.9, weight_decay=0.01,
                     steps=1, **launch):
-    """Run ``steps`` kernel calls and the reference side by side, comparing after each call."""
+    """Run ``steps`` kernel calls and the reference side by side, comparing after each call. For b > 16 the
+    tile variant runs unless a variant is given: the default there ("rows") is fully unrolled, minutes per
+    configuration to compile and seconds per program under the interpreter, and has its own tests
+    (``test_rows_*``)."""
+    if b > block_update.LANE_MAX_B:
+        launch.setdefault("variant", "tile")
     param64, mom64 = param.double(), mom.double()
     count = torch.zeros(1, dtype=torch.int32, device=param.device)
     expected_count = 0
@@ -393,7 +398,11 @@ def test_variants_skip_flag_and_grouped_launch(variant):
 def test_variant_validation_and_defaults():
     assert block_update.default_variant(1) == "tile"
     assert block_update.default_variant(9) == "lane"
-    assert block_update.default_variant(block_update.LANE_MAX_B + 1) == "tile"
+    assert block_update.default_variant(block_update.ROWS_MAX_B + 1) == block_update.default_variant(64) == "tile"
+    for b in (block_update.LANE_MAX_B + 1, 25, 27, 32):
+        assert block_update.default_variant(b) == "tile"  # rows: minutes to compile, opt-in only
+        blocks, warps = block_update.default_launch_config(b, "rows")
+        assert blocks * block_update.rows_lanes(b) == 32 * warps
     assert block_update.default_launch_config(9, "lane") == (128, 4)
     f = torch.zeros(2, 17 * 18 // 2)
     grad = torch.zeros(1, 34)
@@ -403,3 +412,65 @@ def test_variant_validation_and_defaults():
         block_update.damped_block_update_(f, grad, grad.clone(), grad.clone(), count, b=17, variant="lane", **hp)
     with pytest.raises(ValueError, match="variant="):
         block_update.damped_block_update_(f, grad, grad.clone(), grad.clone(), count, b=17, variant="x", **hp)
+    with pytest.raises(ValueError, match="variant='rows' supports b >= 2"):
+        block_update.damped_block_update_(torch.zeros(2, 1), grad[:, :2], grad[:, :2].clone(), grad[:, :2].clone(),
+                                          count, b=1, variant="rows", **hp)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The "rows" variant (a few lanes per block; the default for 17 <= b <= 64). Fully unrolled, so slow under
+# the interpreter (about 3 s per program at b = 17, 8 s at b = 32, 25 s at b = 64): one program per launch,
+# every feature in few launches.
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter: division by a bad pivot
+@pytest.mark.parametrize(("b", "dtype"), [(5, torch.float32), (17, torch.float16), (25, torch.bfloat16),
+                                          (27, torch.float32), (32, torch.float32), (64, torch.bfloat16)], ids=str)
+def test_rows_variant_matches_reference_with_tails_and_fallbacks(b, dtype):
+    """Tails (every row's second chunk is short), three rows of the gradient matrix (row stride ``2b - 1``),
+    an indefinite block, a NaN off-diagonal entry and an infinite last pivot (diagonal fallbacks, counted),
+    momentum and weight decay, in one program."""
+    device = kernel_device()
+    gen = _generator(device, 900 + b)
+    rows, cols = 4, 2 * b - 1
+    f = make_fisher(rows, cols, b, device, gen)
+    f[3] = -10.0 * reference.pack_tril(torch.eye(b, device=device))
+    f[4, 1] = float("nan")  # off-diagonal (1, 0)
+    f[7, reference.diag_indices(b)[b - 1]] = float("inf")  # the last pivot, in the last (short) chunk
+    grad, param, mom = make_state(rows, cols, dtype, device, gen)
+    count = run_and_compare(f, grad, param, mom, b=b, variant="rows", blocks_per_program=8,
+                            num_warps=8 * block_update.rows_lanes(b) // 32 or 1)
+    assert int(count.item()) == 3
+    assert torch.isfinite(param.float()).all() and torch.isfinite(mom).all()
+
+
+def test_rows_variant_skip_flag_and_grouped_launch():
+    """b = 17 (4 lanes: four slots of 4 rows and a last slot of one row): a set skip flag writes and counts nothing;
+    a clear one equals the reference for every member of a grouped launch (a short tail, a member with
+    fewer blocks than a program, a fallback), bf16 parameters."""
+    device = kernel_device()
+    gen = _generator(device, 917)
+    b = 17
+    shapes = [(3, 2 * b - 3), (1, b)]
+    hp = {"b": b, "damping": 1e-2, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.01}
+    fs = [make_fisher(r, c, b, device, gen) for r, c in shapes]
+    fs[0][2] = -1.0
+    states = [make_state(r, c, torch.bfloat16, device, gen) for r, c in shapes]
+    grads, params, moms = ([s[i] for s in states] for i in range(3))
+    before = [(p.clone(), m.clone()) for p, m in zip(params, moms)]
+    count = torch.zeros(1, dtype=torch.int32, device=device)
+    flag = torch.ones(1, dtype=torch.bool, device=device)
+    launch = {"variant": "rows", "blocks_per_program": 8, "num_warps": 1}
+    block_update.grouped_block_update_(fs, grads, params, moms, count, skip=flag, **launch, **hp)
+    assert int(count.item()) == 0
+    for (p0, m0), p, m in zip(before, params, moms):
+        assert torch.equal(p0, p) and torch.equal(m0, m)
+    flag.zero_()
+    p64s, m64s = [p.double() for p in params], [m.double() for m in moms]
+    expected = sum(oracle_step(f, g, p64, m64, **hp) for f, g, p64, m64 in zip(fs, grads, p64s, m64s))
+    block_update.grouped_block_update_(fs, grads, params, moms, count, skip=flag, **launch, **hp)
+    assert int(count.item()) == expected == 1
+    for p, m, p64, m64 in zip(params, moms, p64s, m64s):
+        torch.testing.assert_close(p.double(), p64.to(p.dtype).double(), **tol(torch.bfloat16))
+        torch.testing.assert_close(m.double(), m64, **tol(torch.float32))

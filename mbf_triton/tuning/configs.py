@@ -47,7 +47,9 @@ class BlockUpdateConfig:
     """Launch configuration of :func:`mbf_triton.kernels.block_update.damped_block_update_`.
 
     ``num_stages=None``: Triton's default (the kernel has no pipelined loads, so it rarely matters).
-    ``variant``: ``"tile"`` (register tile per block) or ``"lane"`` (one mini-block per lane, ``b <= 16``).
+    ``variant``: ``"tile"`` (register tile per block), ``"lane"`` (one mini-block per lane, ``b <= 16``) or
+    ``"rows"`` (``rows_lanes(b)`` lanes per block, ``b >= 2``; explicit only: minutes to compile;
+    ``blocks_per_program * rows_lanes(b) = 32 * num_warps``).
     """
 
     blocks_per_program: int
@@ -64,8 +66,8 @@ class BlockUpdateConfig:
             raise ValueError(f"num_warps={self.num_warps!r} must be a power of two <= 32")
         if self.num_stages is not None and (not isinstance(self.num_stages, int) or self.num_stages < 1):
             raise ValueError(f"num_stages={self.num_stages!r} must be None or an int >= 1")
-        if self.variant not in ("tile", "lane"):
-            raise ValueError(f"variant={self.variant!r} must be 'tile' or 'lane'")
+        if self.variant not in ("tile", "lane", "rows"):
+            raise ValueError(f"variant={self.variant!r} must be 'tile', 'lane' or 'rows'")
 
     def launch_kwargs(self) -> dict[str, int | str | None]:
         return {
@@ -174,6 +176,8 @@ def block_update_candidates(
             cfg = BlockUpdateConfig(32 * w, w, None, "lane")
             if 32 * w <= max(32, most) and cfg not in out:
                 out.append(cfg)
+    # no "rows" (a few lanes per block) candidates: each takes minutes to compile (fully unrolled), a stall
+    # the tuner would impose on the first step (see kernels.block_update.default_variant)
     return out
 
 
