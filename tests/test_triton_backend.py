@@ -99,9 +99,13 @@ def test_layers_sharing_a_block_size_share_one_launch(monkeypatch):
         return real(fs, *args, b=b, **kw)
 
     monkeypatch.setattr(block_update, "grouped_block_update_", spy)
-    run(mlp, (10, 13), "triton", device, torch.float32, 1, lr=0.05, block_size=4)
+    run(mlp, (10, 13), "triton", device, torch.float32, 1, lr=0.05, block_size=4, graft=None)
     # three Linear weights (b=4) in one launch, three biases (b=1) in another
     assert sorted(calls) == [(1, 3), (4, 3)]
+    calls.clear()
+    run(mlp, (10, 13), "triton", device, torch.float32, 1, lr=0.05, block_size=4)
+    # the default per-block grafting first takes each group's directions: one more launch per group
+    assert sorted(calls) == [(1, 3), (1, 3), (4, 3), (4, 3)]
 
 
 @pytest.mark.gpu
