@@ -137,22 +137,29 @@ class StepSize:
         Adam's, after folding ``g^2`` into its second moment, or the gradient), ``||d||^2`` and
         ``sum_i r_i^2 g_i . d_i``; and per entry the per-block scales ``r_i = ||a_i|| / ||d_i||``
         (``graft_scope="block"``; else None and ``r_i = 1``)."""
+        norms = self.graft is not None and self.graft_scope == "parameter"  # rows 0, 1 are read
+        quads = self.kl_clip is not None  # row 2 is read
         cols: list[list[torch.Tensor]] = [[], [], []]
         block_scales = []
+        home = None
         for e, grad, d in zip(entries, grads, _directions(entries, states, grads)):
             state, layout = states[e.param], e.layout
             g = ref.to_blocks(grad.float(), layout.b)
+            home = g.device if home is None else home
             a = self._adam_step(state, g, skip[g.device]) if self.graft == "adam" else g
             r = None
             if self.graft is not None and self.graft_scope == "block":
                 r = torch.linalg.vector_norm(a, dim=-1) / torch.linalg.vector_norm(d, dim=-1).clamp_min(1e-30)
-            gd = (g * d).sum(-1)
-            quad = gd.sum() if r is None else (gd * r * r).sum()
-            for col, x in zip(cols, (a.square().sum(), d.square().sum(), quad)):
-                col.append(x)
+            if norms:
+                cols[0].append(a.square().sum())
+                cols[1].append(d.square().sum())
+            if quads:
+                gd = (g * d).sum(-1)
+                cols[2].append(gd.sum() if r is None else (gd * r * r).sum())
             block_scales.append(r)
-        home = cols[0][0].device
-        return torch.stack([torch.stack([x.to(home) for x in col]) for col in cols]), block_scales
+        # sums no option reads (the default, per-block grafting alone, reads none) stay zero: fewer launches
+        return torch.stack([torch.stack([x.to(home) for x in col]) if col else
+                            torch.zeros(len(entries), device=home) for col in cols]), block_scales
 
     def _scales(self, sums: torch.Tensor, coefs: list[torch.Tensor | float], lrs: list[float]) -> torch.Tensor:
         """``s_p * nu`` of every entry from the whole-parameter sums (``(3, n)``, :meth:`_partial_sums`):
